@@ -1,0 +1,248 @@
+"""``ErasureConfig``: one erasure method as a config, consumed by one trainer (the PEFT shape).
+
+Defaults are the reference code's (``ndhg1213/S-VARE``: ``erase_trainer.py``, ``infinity/utils/arg_util.py``,
+``scripts/train_svare.sh``) wherever the paper and the code disagree; the paper's choices are options, and
+:meth:`ErasureConfig.paper` collects them. Two defaults are the product's, not the paper's: training a LoRA adapter
+(the code fully fine-tunes cross-attention + FFN; ``train_modules=["attn2", "ff"]`` does that) and its learning rate.
+
+Methods and the losses they use (:func:`losses_for`; functions of :mod:`var_erase.erasure.losses`):
+
+=========  =========================================  ===============================================================
+method     losses                                     what the trainer feeds them
+=========  =========================================  ===============================================================
+``svare``  filtered_cross_entropy, preservation_kl    S-VARE. FCE: student under c* teacher-forced on r^ori vs the
+                                                      anchor bits r^ori. KL: student under c on r^ori vs the stored
+                                                      CFG-guided teacher logits. Weighted by ``preservation_weight``.
+``fce``    filtered_cross_entropy                     VARE + L_FCE without preservation (the ablation's middle row).
+``vare``   vare_basic_loss                            paper Eq. 7: student under c* vs frozen under c, both on r^ori.
+``naive``  naive_loss                                 paper Eq. 6: as Eq. 7 but each branch on its own history.
+``esd``    esd_loss (+ esd_target_logits)             ESD negative guidance on logits, ``negative_guidance`` = eta.
+=========  =========================================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+METHODS: tuple[str, ...] = ("svare", "vare", "fce", "naive", "esd")
+
+_METHOD_LOSSES: dict[str, tuple[str, ...]] = {
+    "svare": ("filtered_cross_entropy", "preservation_kl"),
+    "fce": ("filtered_cross_entropy",),
+    "vare": ("vare_basic_loss",),
+    "naive": ("naive_loss",),
+    "esd": ("esd_loss",),
+}
+
+DEFAULT_LORA_TARGET_MODULES: tuple[str, ...] = (
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out", "ff.net.0.proj", "ff.net.2",
+)
+"""Cross-attention and FFN of every block, the parameters S-VARE trains (self-attention excluded)."""
+
+FULL_FINETUNE_MODULES: tuple[str, ...] = ("attn2", "ff")
+"""The reference's full fine-tune set (``enable_ca_layer=1, enable_ffn_layer=1, enable_sa_layer=0``)."""
+
+REFERENCE_LEARNING_RATE = 6e-3 * 1 / 256
+"""The code's lr for a full fine-tune, ``tblr * glb_batch_size / 256 = 6e-3 * 1 / 256 ≈ 2.34e-5`` (constant)."""
+
+LORA_LEARNING_RATE = 1e-4
+"""Our LoRA default (diffusers' LoRA training examples use 1e-4); not from the paper, which fine-tunes fully."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _integer(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _module_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, str) and m for m in value)
+
+
+def losses_for(method: str) -> tuple[str, ...]:
+    """Names of the :mod:`~var_erase.erasure.losses` functions a method optimises (see the module table)."""
+    if method not in _METHOD_LOSSES:
+        raise ValueError(f"unknown erasure method {method!r}; choose one of {list(METHODS)}")
+    return _METHOD_LOSSES[method]
+
+
+def default_learning_rate(mode: str) -> float:
+    """Default learning rate for ``mode`` = ``"full"`` (the code's ≈2.34e-5) or ``"lora"`` (1e-4).
+
+    The paper's "2e-3", as transcribed by a third-party summary, would almost surely wreck a ~1.6 B-parameter AdamW
+    fine-tune; it is probably a misreading of 2e-5 and is not used. LoRA's low-rank updates need a larger rate.
+    """
+    if mode == "full":
+        return REFERENCE_LEARNING_RATE
+    if mode == "lora":
+        return LORA_LEARNING_RATE
+    raise ValueError(f"mode must be 'lora' or 'full', got {mode!r}")
+
+
+@dataclass
+class ErasureConfig:
+    """Everything that defines an erasure run besides the model and the prompt pairs.
+
+    Loss settings (see :mod:`var_erase.erasure.losses`):
+        method: one of :data:`METHODS`.
+        bit_threshold: gamma, ln 2. token_threshold: alpha, 0.25 (0 = no filtering with ``">="``).
+        comparison: ``">="`` (code) or ``">"`` (paper). normalize: ``"all_tokens"`` (code) or ``"kept_tokens"``.
+        preservation_weight: lambda on L_Pre: 0.5 (code's ``reg_lambda``); the paper's "equal weights" is 1.0.
+        kl_reduction: ``"code"`` (mean over the 2d entries, ½ of the per-bit KL) or ``"paper"`` (full per-bit KL).
+        negative_guidance: eta of ESD (method ``esd`` only).
+        num_train_scales: train on the first N scales only; ``None`` = all (the code's ``always_training_scales=100``).
+
+    Optimisation:
+        update: ``"alternating"`` (code: per iteration, a backward + optimizer step on L_FCE, then another on
+            lambda * L_Pre) or ``"joint"`` (one step on L_FCE + lambda * L_Pre, as the paper's total loss reads).
+            Only matters for methods with two losses.
+        learning_rate: ``None`` = :func:`default_learning_rate` of the fine-tune mode.
+        max_train_steps (500), train_batch_size (2 prompt pairs), AdamW betas (0.9, 0.97), weight decay 0.005,
+        gradient clipping 5, cond_drop_rate 0.1 (the text is replaced by the unconditional embedding in 10% of
+        samples, in both steps, as the code's training mode does).
+
+    Trainable parameters:
+        lora_rank / lora_alpha / lora_target_modules: the LoRA adapter (default, cross-attention + FFN).
+        train_modules: when set (e.g. ``["attn2", "ff"]``), fully fine-tune the modules whose names contain these
+            instead of training a LoRA (the reference's setting).
+
+    Sampling:
+        anchor_*: how the frozen model samples the auxiliary tokens r^ori for each neutral prompt (guidance 4 on
+            logits, tau 1, top-k 900, top-p 0.97, seed 42; top-k >= 2 is a no-op per bit but kept for fidelity).
+        inference_*: sampling defaults for validation images (guidance 4, tau 0.5, top-k 900, top-p 0.97).
+    """
+
+    # 1. method and losses
+    method: str = "svare"
+    bit_threshold: float = math.log(2.0)
+    token_threshold: float = 0.25
+    comparison: str = ">="
+    normalize: str = "all_tokens"
+    preservation_weight: float = 0.5
+    kl_reduction: str = "code"
+    negative_guidance: float = 1.0
+    num_train_scales: int | None = None
+    # 2. optimisation
+    update: str = "alternating"
+    learning_rate: float | None = None
+    max_train_steps: int = 500
+    train_batch_size: int = 2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.97
+    adam_weight_decay: float = 0.005
+    max_grad_norm: float = 5.0
+    cond_drop_rate: float = 0.1
+    # 3. trainable parameters
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES))
+    train_modules: list[str] | None = None
+    # 4. anchor sampling (the frozen model's trajectory for each neutral prompt)
+    anchor_guidance_scale: float = 4.0
+    anchor_temperature: float = 1.0
+    anchor_top_k: int = 900
+    anchor_top_p: float = 0.97
+    anchor_seed: int = 42
+    # 5. inference sampling
+    inference_guidance_scale: float = 4.0
+    inference_temperature: float = 0.5
+    inference_top_k: int = 900
+    inference_top_p: float = 0.97
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, (tuple, list)):
+            self.lora_target_modules = list(self.lora_target_modules)
+        if isinstance(self.train_modules, (tuple, list)):
+            self.train_modules = list(self.train_modules)
+        self.validate()
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> ErasureConfig:
+        """The paper's reading where it differs from the code: ``comparison=">"``, ``kl_reduction="paper"``,
+        ``preservation_weight=1.0`` (equal weights) and ``update="joint"`` (one summed loss). The learning rate stays
+        the default (see :func:`default_learning_rate`); normalisation stays ``"all_tokens"`` (the paper is silent)."""
+        settings = {"comparison": ">", "kl_reduction": "paper", "preservation_weight": 1.0, "update": "joint"}
+        return cls(**{**settings, **overrides})
+
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def finetune_mode(self) -> str:
+        """``"full"`` when ``train_modules`` is set, else ``"lora"``."""
+        return "full" if self.train_modules else "lora"
+
+    @property
+    def effective_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else default_learning_rate(self.finetune_mode)
+
+    @property
+    def losses(self) -> tuple[str, ...]:
+        return losses_for(self.method)
+
+    def validate(self) -> ErasureConfig:
+        """Raise one ``ValueError`` listing every invalid setting; returns ``self`` when all are valid."""
+        errors: list[str] = []
+
+        def check(name: str, ok: Callable[[Any], bool], requirement: str) -> None:
+            value = getattr(self, name)
+            try:
+                valid = bool(ok(value))
+            except TypeError:
+                valid = False
+            if not valid:
+                errors.append(f"{name} must be {requirement}, got {value!r}")
+
+        for name, allowed in (
+            ("method", METHODS),
+            ("comparison", (">=", ">")),
+            ("normalize", ("all_tokens", "kept_tokens")),
+            ("kl_reduction", ("code", "paper")),
+            ("update", ("alternating", "joint")),
+        ):
+            check(name, lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")
+        check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")
+        check("token_threshold", lambda v: _number(v) and 0 <= v <= 1, "a share of bits in [0, 1] (alpha)")
+        check("preservation_weight", lambda v: _number(v) and v >= 0, "a number >= 0 (lambda on L_Pre)")
+        check("negative_guidance", lambda v: _number(v) and math.isfinite(v), "a finite number (ESD's eta)")
+        check("num_train_scales", lambda v: v is None or _integer(v, 1), "None (all scales) or an integer >= 1")
+        check("learning_rate", lambda v: v is None or (_number(v) and v > 0), "None (the default) or a number > 0")
+        check("max_train_steps", lambda v: _integer(v, 1), "an integer >= 1")
+        check("train_batch_size", lambda v: _integer(v, 1), "an integer >= 1")
+        check("adam_beta1", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
+        check("adam_beta2", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
+        check("adam_weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0")
+        check("max_grad_norm", lambda v: _number(v) and v > 0, "a number > 0")
+        check("cond_drop_rate", lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)")
+        check("lora_rank", lambda v: _integer(v, 1), "an integer >= 1")
+        check("lora_alpha", lambda v: _number(v) and v > 0, "a number > 0")
+        check("lora_target_modules", _module_list, f"a non-empty list of module names such as "
+              f"{list(DEFAULT_LORA_TARGET_MODULES)}")
+        check("train_modules", lambda v: v is None or _module_list(v), f"None (train a LoRA) or a non-empty list of "
+              f"module names such as {list(FULL_FINETUNE_MODULES)} (full fine-tune)")
+        for prefix in ("anchor", "inference"):
+            check(f"{prefix}_guidance_scale", lambda v: _number(v) and v >= 0, "a number >= 0 (1 = no guidance)")
+            check(f"{prefix}_temperature", lambda v: _number(v) and v > 0, "a number > 0")
+            check(f"{prefix}_top_k", lambda v: _integer(v, 0), "an integer >= 0 (0 disables it)")
+            check(f"{prefix}_top_p", lambda v: _number(v) and 0 < v <= 1, "in (0, 1] (1 disables it)")
+        check("anchor_seed", lambda v: _integer(v, 0), "an integer >= 0")
+        if errors:
+            raise ValueError("invalid ErasureConfig:\n  - " + "\n  - ".join(errors))
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of every field (stored in adapter metadata and model cards)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ErasureConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (missing ones take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ErasureConfig field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,328 @@
+"""The erasure loop: one trainer for every method of :class:`~var_erase.erasure.config.ErasureConfig`.
+
+S-VARE as the reference runs it (research/paper.md §1.5, §1.8): per iteration a batch of prompt pairs ``(c*, c)``,
+each with its auxiliary visual tokens ``r^ori`` (sampled from the frozen model for ``c``);
+
+1. erase step: logits of the model under ``c*`` teacher-forced along ``r^ori``; filtered cross-entropy against the
+   anchor's bits; backward, clip, optimizer step;
+2. preserve step: logits under ``c`` along the same ``r^ori``; ``0.5 * KL(guided teacher || student)``; backward,
+   clip, optimizer step.
+
+``update="joint"`` sums the two losses into one step instead. Both forwards run in training mode with 10% condition
+dropout, as the reference's. Baselines use the same frame: ``vare`` (paper Eq. 7: probability MSE against the frozen
+model's conditional prediction under ``c`` on ``r^ori``), ``naive`` (Eq. 6: each branch on its own history; the
+student's history is a fresh rollout under ``c*``), ``esd`` (negative guidance on per-scale logits, on ``r^ori``).
+
+The trained parameters are a PEFT LoRA adapter (cross-attention + FFN by default) kept in float32, or, with
+``train_modules``, the named modules fully fine-tuned (the reference's ``ca`` + ``ffn``).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from tqdm.auto import tqdm
+
+from . import losses as L
+from .anchors import AnchorSet, _adapters_disabled
+from .config import ErasureConfig
+from .prompts import PromptPair
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class ErasureTrainer:
+    """Erase concepts from ``pipe.transformer`` with the method of ``config``.
+
+    Args:
+        pipe: a ``VARPipeline`` (its text encoder and tokenizer encode the prompts once; its transformer is trained).
+        config: the method and its hyper-parameters.
+        pairs: unsafe -> safe prompt pairs.
+        anchors: auxiliary visual tokens of the safe prompts (:func:`~var_erase.erasure.anchors.sample_anchors`).
+        accelerator: an ``accelerate.Accelerator`` (mixed precision, devices, distributed); a default one if None.
+        seed: seeds the batch order and the anchor choice (resumable: batches depend only on ``(seed, step)``).
+    """
+
+    def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
+                 accelerator: Accelerator | None = None, seed: int = 0, gradient_accumulation_steps: int = 1,
+                 gradient_checkpointing: bool = False) -> None:
+        config.validate()
+        missing = sorted({p.safe for p in pairs} - set(anchors.prompts))
+        if missing:
+            raise ValueError(f"no auxiliary visual tokens for {len(missing)} safe prompts, e.g. {missing[:2]}; sample "
+                             f"anchors for every pair's safe prompt")
+        self.pipe, self.config, self.pairs, self.anchors, self.seed = pipe, config, pairs, anchors, seed
+        self.accelerator = accelerator or Accelerator()
+        self.accumulation = gradient_accumulation_steps
+        self.state = TrainState()
+        self.schedule = anchors.schedule
+        if config.num_train_scales is not None:
+            self.schedule = anchors.schedule.truncated(min(config.num_train_scales, anchors.schedule.num_scales))
+        self.text = self._encode_prompts()
+        self.transformer = self._prepare_trainable(pipe.transformer, gradient_checkpointing)
+        self.optimizer = self._optimizer()
+        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self._register_checkpoint_hooks()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # set-up
+    @torch.no_grad()
+    def _encode_prompts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Text features of every prompt, computed once: ``{prompt: (states_TC, mask_T)}`` on the device."""
+        prompts = sorted({p for pair in self.pairs for p in (pair.unsafe, pair.safe)})
+        device = self.accelerator.device
+        self.pipe.text_encoder.to(device)
+        out = {}
+        for start in range(0, len(prompts), 64):
+            chunk = prompts[start: start + 64]
+            states, mask = self.pipe.encode_prompt(chunk, device)
+            for i, prompt in enumerate(chunk):
+                length = int(mask[i].sum())
+                out[prompt] = (states[i, :length].float(), mask[i, :length])
+        return out
+
+    def _prepare_trainable(self, transformer, gradient_checkpointing: bool):
+        cfg = self.config
+        transformer.requires_grad_(False)
+        if cfg.finetune_mode == "lora":
+            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                               target_modules=list(cfg.lora_target_modules)))
+            cast_training_params(transformer, dtype=torch.float32)
+        else:
+            for name, module in transformer.named_modules():
+                if any(name.endswith(f".{m}") for m in cfg.train_modules):
+                    module.requires_grad_(True)
+            for p in transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # fp32 master weights (bf16 would round small Adam updates away)
+        if not any(p.requires_grad for p in transformer.parameters()):
+            raise ValueError(f"nothing to train: no module matches {cfg.lora_target_modules or cfg.train_modules}")
+        if gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.to(self.accelerator.device).train()
+        return transformer
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW as the reference: weight decay on matrices only."""
+        cfg = self.config
+        params = self.trainable_parameters()
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.adam_weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.effective_learning_rate,
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # batches
+    def batch_indices(self, step: int) -> tuple[list[int], list[int]]:
+        """Pair indices and anchor rows of iteration ``step``: epochs of shuffled pairs (drop_last), as the
+        reference's DataLoader; a function of ``(seed, step)`` only, so a resumed run sees the same batches."""
+        n, b = len(self.pairs), self.config.train_batch_size
+        per_epoch = max(1, n // b)
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        pair_ids = [int(order[(position * b + i) % n]) for i in range(b)]
+        g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+        rows = []
+        for i in pair_ids:
+            candidates = self.anchors.rows_for(self.pairs[i].safe)
+            rows.append(candidates[int(torch.randint(len(candidates), (1,), generator=g))])
+        return pair_ids, rows
+
+    def _text_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad the cached features of ``prompts`` to one (B, T, C) batch with its (B, T) mask."""
+        feats = [self.text[p] for p in prompts]
+        length = max(f[0].shape[0] for f in feats)
+        states = torch.zeros(len(feats), length, feats[0][0].shape[-1], device=self.accelerator.device)
+        mask = torch.zeros(len(feats), length, dtype=torch.bool, device=self.accelerator.device)
+        for i, (s, m) in enumerate(feats):
+            states[i, : s.shape[0]], mask[i, : m.shape[0]] = s, m
+        return states, mask
+
+    def _anchor_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        device, n = self.accelerator.device, self.schedule.total_tokens
+        return {"bits": self.anchors.bits[rows, :n].long().to(device),
+                "inputs": self.anchors.inputs[rows, : n - 1].to(device),
+                "logits": self.anchors.logits[rows, :n].to(device),
+                "cond_logits": self.anchors.cond_logits[rows, :n].to(device)}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # losses
+    def _logits(self, inputs: torch.Tensor, prompts: list[str] | None, states=None, mask=None) -> torch.Tensor:
+        if prompts is not None:
+            states, mask = self._text_batch(prompts)
+        return self.model(inputs, states, mask, schedule=self.schedule,
+                          cond_drop_prob=self.config.cond_drop_rate).sample.float()
+
+    @torch.no_grad()
+    def _frozen_logits(self, inputs, states, mask) -> torch.Tensor:
+        with _adapters_disabled(self.transformer):
+            return self.transformer(inputs, states, mask, schedule=self.schedule, cond_drop_prob=0.0).sample.float()
+
+    def erase_loss(self, pairs: list[PromptPair], anchor: dict) -> tuple[torch.Tensor, dict]:
+        """The method's erasure term (the only term, except for S-VARE's preservation step)."""
+        cfg, unsafe = self.config, [p.unsafe for p in pairs]
+        if cfg.method in ("svare", "fce"):
+            out = L.filtered_cross_entropy(self._logits(anchor["inputs"], unsafe), anchor["bits"], cfg.bit_threshold,
+                                           cfg.token_threshold, cfg.comparison, cfg.normalize)
+            return out.loss, {"kept": out.kept_ratio.item(), "bit_err": out.bit_error_rate.item()}
+        if cfg.method == "vare":
+            return L.vare_basic_loss(self._logits(anchor["inputs"], unsafe), anchor["cond_logits"]), {}
+        if cfg.method == "naive":
+            own = self._rollout_inputs(unsafe)
+            return L.naive_loss(self._logits(own, unsafe), anchor["cond_logits"]), {}
+        if cfg.method == "esd":
+            states, mask = self._text_batch(unsafe)
+            uncond = self.transformer.unconditional_states(len(pairs), states.shape[1]).to(states)
+            target = L.esd_target_logits(self._frozen_logits(anchor["inputs"], states, mask),
+                                         self._frozen_logits(anchor["inputs"], uncond, mask), cfg.negative_guidance)
+            return L.esd_loss(self._logits(anchor["inputs"], None, states, mask), target), {}
+        raise ValueError(f"unknown method {cfg.method!r}")
+
+    def preserve_loss(self, pairs: list[PromptPair], anchor: dict) -> torch.Tensor:
+        """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori``."""
+        student = self._logits(anchor["inputs"], [p.safe for p in pairs])
+        kl = L.preservation_kl(student, anchor["logits"], reduction_code=self.config.kl_reduction == "code")
+        return self.config.preservation_weight * kl
+
+    @torch.no_grad()
+    def _rollout_inputs(self, prompts: list[str]) -> torch.Tensor:
+        """Eq. 6's student history: a trajectory sampled by the current model under the unsafe prompts."""
+        cfg, pipe = self.config, self.pipe
+        was_training = self.transformer.training
+        self.transformer.eval()
+        generators = [torch.Generator().manual_seed(self.seed * 31 + self.state.step * 97 + i) for i in
+                      range(len(prompts))]
+        traj = pipe(prompts, height=self.anchors.schedule.height, width=self.anchors.schedule.width,
+                    guidance_scale=cfg.anchor_guidance_scale, temperature=cfg.anchor_temperature,
+                    top_k=cfg.anchor_top_k, top_p=cfg.anchor_top_p, generator=generators, output_type="latent",
+                    return_trajectory=True).trajectory
+        self.transformer.train(was_training)
+        return traj.inputs[:, : self.schedule.total_tokens - 1].to(self.accelerator.device)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # optimisation
+    def _update(self, loss_fn) -> float:
+        """Accumulate ``loss_fn(micro)`` over the micro-batches, clip, step. Returns the mean loss."""
+        total = 0.0
+        for micro in range(self.accumulation):
+            sync = micro == self.accumulation - 1
+            ctx = self.accelerator.no_sync(self.model) if not sync else nullcontext()
+            with ctx:
+                loss = loss_fn(micro) / self.accumulation
+                self.accelerator.backward(loss)
+            total += loss.item()
+        self.accelerator.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def training_step(self, step: int) -> dict:
+        """One iteration (both steps of the alternating update, or one joint step)."""
+        micro_batches = []
+        for micro in range(self.accumulation):
+            pair_ids, rows = self.batch_indices(step * self.accumulation + micro)
+            micro_batches.append(([self.pairs[i] for i in pair_ids], self._anchor_batch(rows)))
+        logs: dict = {}
+
+        def erase(micro):
+            loss, extra = self.erase_loss(*micro_batches[micro])
+            logs.update(extra)
+            return loss
+
+        def preserve(micro):
+            return self.preserve_loss(*micro_batches[micro])
+
+        uses_pre = "preservation_kl" in self.config.losses
+        if uses_pre and self.config.update == "joint":
+            logs["loss"] = self._update(lambda m: erase(m) + preserve(m))
+        else:
+            logs["loss"] = self._update(erase)
+            if uses_pre:
+                logs["pre"] = self._update(preserve)
+        return logs
+
+    def train(self, max_train_steps: int | None = None, checkpointing_steps: int | None = None,
+              output_dir: str | None = None, progress: bool = True) -> TrainState:
+        """Run to ``max_train_steps`` (default ``config.max_train_steps``) from the current state."""
+        total = max_train_steps or self.config.max_train_steps
+        bar = tqdm(total=total, initial=self.state.step, desc=f"erasing ({self.config.method})",
+                   disable=not (progress and self.accelerator.is_main_process))
+        while self.state.step < total:
+            logs = self.training_step(self.state.step)
+            self.state.step += 1
+            self.state.history.append({"step": self.state.step, **logs})
+            bar.update()
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if checkpointing_steps and output_dir and self.state.step % checkpointing_steps == 0:
+                self.save_checkpoint(os.path.join(output_dir, f"checkpoint-{self.state.step}"))
+        bar.close()
+        return self.state
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # checkpoints (accelerate state; the model part is only the trainable weights)
+    def _register_checkpoint_hooks(self) -> None:
+        trainer = self
+
+        def save_hook(models, weights, output_dir):
+            if trainer.accelerator.is_main_process:
+                torch.save({"step": trainer.state.step, "history": trainer.state.history},
+                           os.path.join(output_dir, "trainer_state.pt"))
+                from safetensors.torch import save_file
+
+                save_file(trainer.trainable_state_dict(), os.path.join(output_dir, "trainable.safetensors"))
+            weights.clear()
+
+        def load_hook(models, input_dir):
+            from safetensors.torch import load_file
+
+            models.clear()
+            trainer.load_trainable_state_dict(load_file(os.path.join(input_dir, "trainable.safetensors")))
+            state = torch.load(os.path.join(input_dir, "trainer_state.pt"), weights_only=True)
+            trainer.state = TrainState(state["step"], state["history"])
+
+        self.accelerator.register_save_state_pre_hook(save_hook)
+        self.accelerator.register_load_state_pre_hook(load_hook)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.config.finetune_mode == "lora":
+            return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
+        return {n: p.detach().contiguous() for n, p in self.transformer.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        if self.config.finetune_mode == "lora":
+            set_peft_model_state_dict(self.transformer, state_dict)
+        else:
+            self.transformer.load_state_dict(state_dict, strict=False)
+
+    def save_checkpoint(self, path: str) -> None:
+        """Write an accelerate checkpoint (optimizer, RNG states, trainable weights, step) to ``path``."""
+        self.accelerator.save_state(path)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.accelerator.load_state(path)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The ``checkpoint-<step>`` folder with the highest step in ``output_dir``, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [(int(d.split("-")[1]), d) for d in os.listdir(output_dir)
+             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return os.path.join(output_dir, max(steps)[1]) if steps else None
+
+
+__all__ = ["ErasureTrainer", "TrainState", "latest_checkpoint"]

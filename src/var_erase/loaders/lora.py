@@ -1,0 +1,191 @@
+"""Pipeline-level LoRA API for VAR pipelines, on diffusers' ``LoraBaseMixin``.
+
+``LoraBaseMixin`` already implements ``set_adapters``, ``disable_lora``/``enable_lora``, ``delete_adapters``,
+``unload_lora_weights`` and the fuse machinery for every name in ``_lora_loadable_modules``; a pipeline mixin adds the
+loading and saving (research/hf_mechanics.md §1). What differs from diffusers' own mixins:
+
+- only safetensors are read or written (no pickle fallback);
+- a Hub repo id with no ``weight_name`` resolves to ``pytorch_lora_weights.safetensors`` directly, so loading from the
+  offline Hub cache works (diffusers' guess needs the network);
+- files are written atomically (temp file, then rename), and extra string metadata (the erasure adapter's identity,
+  see :mod:`var_erase.hub`) can be stored next to diffusers' ``lora_adapter_metadata``;
+- a corrupt or non-LoRA file is an ``OSError``/``ValueError`` that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import safetensors
+import safetensors.torch
+import torch
+from diffusers.loaders.lora_base import (
+    LORA_ADAPTER_METADATA_KEY,
+    LoraBaseMixin,
+    _fetch_state_dict,
+    _pack_dict_with_prefix,
+)
+from huggingface_hub.utils import validate_hf_hub_args
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class VARLoraLoaderMixin(LoraBaseMixin):
+    """Load, save, combine and fuse LoRA adapters of a pipeline's ``transformer``."""
+
+    _lora_loadable_modules = ["transformer"]
+    transformer_name = "transformer"
+
+    @classmethod
+    @validate_hf_hub_args
+    def lora_state_dict(
+        cls, pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor], **kwargs
+    ):
+        """Read a LoRA state dict from a folder, a ``.safetensors`` file, a Hub repo id, or a dict.
+
+        Returns the state dict, or ``(state_dict, lora_metadata)`` with ``return_lora_metadata=True``, or
+        ``(state_dict, lora_metadata, file_metadata)`` with ``return_file_metadata=True`` as well.
+        """
+        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
+        return_file_metadata = kwargs.pop("return_file_metadata", False)
+        source = pretrained_model_name_or_path_or_dict
+        weight_name = kwargs.pop("weight_name", None)
+        if isinstance(source, os.PathLike):
+            source = os.fspath(source)
+        if isinstance(source, str) and os.path.isfile(source):
+            source, weight_name = os.path.dirname(source) or ".", os.path.basename(source)
+        if weight_name is None and not isinstance(source, dict):
+            weight_name = LORA_WEIGHT_NAME
+        if weight_name is not None and not weight_name.endswith(".safetensors"):
+            raise ValueError(f"only safetensors LoRA files are supported, got weight_name={weight_name!r}")
+        try:
+            state_dict, metadata, file_metadata = _fetch_state_dict(
+                pretrained_model_name_or_path_or_dict=source,
+                weight_name=weight_name,
+                use_safetensors=True,
+                local_files_only=kwargs.pop("local_files_only", None),
+                cache_dir=kwargs.pop("cache_dir", None),
+                force_download=kwargs.pop("force_download", False),
+                proxies=kwargs.pop("proxies", None),
+                token=kwargs.pop("token", None),
+                revision=kwargs.pop("revision", None),
+                subfolder=kwargs.pop("subfolder", None),
+                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+                allow_pickle=False,
+                return_file_metadata=True,
+            )
+        except safetensors.SafetensorError as err:
+            raise OSError(
+                f"could not read the LoRA file {weight_name!r} in {source!r}: it is not a valid safetensors file "
+                f"({err}). Re-download or re-save the adapter with `pipe.save_lora_weights`."
+            ) from err
+        if kwargs:
+            raise TypeError(f"unexpected keyword arguments: {sorted(kwargs)}")
+        out = (state_dict,)
+        if return_lora_metadata:
+            out += (metadata,)
+        if return_file_metadata:
+            out += (file_metadata,)
+        return out if len(out) > 1 else state_dict
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        **kwargs,
+    ) -> None:
+        """Load a LoRA adapter into ``self.transformer`` (it becomes the active adapter).
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a folder holding ``pytorch_lora_weights.safetensors``, the file
+                itself, a Hub repo id (read from the local cache when offline), or a state dict.
+            adapter_name: name to register it under (default ``default_{n}``), used by ``set_adapters``.
+            hotswap: replace the weights of an already loaded adapter of the same name in place.
+            kwargs: ``weight_name``, ``revision``, ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``,
+                ``low_cpu_mem_usage``.
+        """
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        state_dict, metadata = self.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
+        )
+        bad = [k for k in state_dict if "lora" not in k]
+        if not state_dict or bad:
+            raise ValueError(
+                f"not a LoRA checkpoint: {len(bad)} of {len(state_dict)} tensors have no 'lora' in their name "
+                f"(e.g. {bad[:3]}). Pass the folder or file written by `save_lora_weights` / train_svare.py."
+            )
+        self.transformer.load_lora_adapter(
+            state_dict,
+            network_alphas=None,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=self,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+            prefix=self.transformer_name,
+        )
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        transformer_lora_layers: dict[str, torch.Tensor | torch.nn.Module] | None = None,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function=None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: dict | None = None,
+        extra_metadata: dict[str, str] | None = None,
+    ) -> str | None:
+        """Write ``transformer_lora_layers`` to ``save_directory/pytorch_lora_weights.safetensors`` atomically.
+
+        ``transformer_lora_adapter_metadata`` (the ``LoraConfig`` as a dict, e.g. from
+        ``diffusers.training_utils._collate_lora_metadata``) keeps ``lora_alpha`` and the targets, so loading gives
+        the same outputs; ``extra_metadata`` adds string entries to the safetensors header. Returns the file path.
+        """
+        if not transformer_lora_layers:
+            raise ValueError("transformer_lora_layers is empty: pass get_peft_model_state_dict(pipe.transformer)")
+        if not safe_serialization or save_function is not None:
+            raise ValueError("var-erase writes safetensors only; leave safe_serialization=True and save_function=None")
+        if not is_main_process:
+            return None
+        state_dict = cls.pack_weights(transformer_lora_layers, cls.transformer_name)
+        header = {"format": "pt", **(extra_metadata or {})}
+        if transformer_lora_adapter_metadata:
+            packed = _pack_dict_with_prefix(transformer_lora_adapter_metadata, cls.transformer_name)
+            packed = {k: sorted(v) if isinstance(v, set) else v for k, v in packed.items()}
+            header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, weight_name or LORA_WEIGHT_NAME)
+        state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
+        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".tmp_lora_", suffix=".safetensors")
+        os.close(fd)
+        try:
+            safetensors.torch.save_file(state_dict, tmp, metadata=header)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Merge the active (or named) adapters into the transformer weights; undo with ``unfuse_lora``."""
+        super().fuse_lora(components=components or ["transformer"], lora_scale=lora_scale,
+                          safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        """Restore the weights from before ``fuse_lora``."""
+        super().unfuse_lora(components=components or ["transformer"], **kwargs)

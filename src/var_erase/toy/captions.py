@@ -1,0 +1,377 @@
+"""Captions of toy scenes, held-out phrasings, and the unsafe -> safe prompt pairs used to erase a concept.
+
+A caption is built in two steps: a :class:`CaptionPlan` is drawn (templates, which optional attributes are mentioned,
+one uniform draw per word choice), then realised against a scene. Realising the same plan against a scene in which one
+concept was swapped for another value of its kind gives the *safe* twin of an *unsafe* prompt — same template, same
+synonym slot, only the concept changed ("a red striped circle" -> "a red striped square").
+
+Splits:
+
+- ``"train"``: training templates and training words — the only split pretraining captions and erasure pairs use.
+- ``"heldout_template"``: templates never used in training, training words (prompt adherence on unseen phrasing).
+- ``"heldout_paraphrase"``: training templates, but every shape/colour/style word comes from the concepts' held-out
+  paraphrase lists (``Concept.heldout``) — evaluation only (adherence, paraphrase attacks on an erased model).
+
+Template syntax: ``{slot}`` is replaced by a word; ``[...]`` is an optional segment, dropped when a slot in it is not
+mentioned. Object slots: ``shape``, ``colour``, ``style`` (adjective), ``style_post`` (a phrase after the noun),
+``size``, ``position``. Scene slots: ``obj``, ``obj1``, ``obj2``, ``background``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .concepts import (
+    BACKGROUNDS,
+    CENTRE_WORDS,
+    POSITION_COLUMNS,
+    POSITION_ROWS,
+    SIZES,
+    Concept,
+    concept_names,
+    concepts_of_kind,
+    get_concept,
+    get_scene_word,
+)
+from .render import Scene, ToyObject, sample_scene
+
+CAPTION_SPLITS: tuple[str, ...] = ("train", "heldout_template", "heldout_paraphrase")
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. templates per split ("train" templates also serve "heldout_paraphrase")
+OBJECT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "train": (
+        "[{size} ][{colour} ][{style} ]{shape}[ {position}]",
+        "[{size} ][{style} ][{colour} ]{shape}[ {position}]",
+        "[{size} ][{colour} ]{shape}[ {style_post}][ {position}]",
+        "{shape}[, {colour}][, {style_post}][, {position}]",
+    ),
+    "heldout_template": (
+        "{shape} that is {colour} and {style}[, placed {position}]",
+        "[{size} ][{style} ]{shape} painted in {colour}[ {position}]",
+        "{shape} whose colour is {colour}[, {style_post}]",
+        "[{size} ]{shape} shown[ in {colour}][ {style_post}][ {position}]",
+    ),
+}
+SCENE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "train": ("{obj}[ {background}]", "a picture of {obj}[ {background}]", "an image of {obj}[, {background}]"),
+    "heldout_template": ("there is {obj}[ {background}]", "a simple drawing showing {obj}[ {background}]"),
+}
+PAIR_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "train": (
+        "{obj1} and {obj2}[ {background}]",
+        "two shapes: {obj1} and {obj2}[, {background}]",
+        "a picture of {obj1} next to {obj2}[ {background}]",
+    ),
+    "heldout_template": ("{obj1} together with {obj2}[ {background}]", "there are two figures, {obj1} plus {obj2}"),
+}
+# relational pair templates: usable when the scene's first object really lies left of (above) the second
+RELATION_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "train": {"left": ("{obj1} to the left of {obj2}[ {background}]",), "above": ("{obj1} above {obj2}",)},
+    "heldout_template": {
+        "left": ("{obj1} sitting on the left side of {obj2}",), "above": ("{obj1} placed over {obj2}",),
+    },
+}
+BACKGROUND_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "train": ("on a {bg} background", "against a {bg} background"),
+    "heldout_template": ("set against a {bg} backdrop",),
+}
+EMPTY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "train": ("an empty {bg} background", "a blank {bg} background"),
+    "heldout_template": ("nothing but a {bg} backdrop",),
+}
+
+_SLOT = re.compile(r"\{(\w+)\}")
+_OPTIONAL = re.compile(r"\[([^\]]*)\]")
+
+
+def _template_split(split: str) -> str:
+    if split not in CAPTION_SPLITS:
+        raise ValueError(f"unknown caption split {split!r}; choose one of {list(CAPTION_SPLITS)}")
+    return "heldout_template" if split == "heldout_template" else "train"
+
+
+def required_slots(template: str) -> frozenset[str]:
+    """The slots of a template outside optional segments (a template needs all of them filled)."""
+    return frozenset(_SLOT.findall(_OPTIONAL.sub("", template)))
+
+
+def fill_template(template: str, words: dict[str, str]) -> str:
+    """Fill ``{slot}`` s from ``words``; drop each ``[...]`` segment whose slots are not all in ``words``."""
+
+    def optional(match: re.Match) -> str:
+        inner = match.group(1)
+        return inner.format(**words) if set(_SLOT.findall(inner)) <= words.keys() else ""
+
+    return _OPTIONAL.sub(optional, template).format(**words)
+
+
+def with_article(phrase: str) -> str:
+    """``"a red circle"``, ``"an orange star"``, ``"a uniformly ..."`` (by the first sound, for this vocabulary)."""
+    vowel = phrase[:1].lower() in "aeio" or (phrase[:1].lower() == "u" and not phrase.lower().startswith("uni"))
+    return ("an " if vowel else "a ") + phrase
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. plans: every random choice of a caption, so that a plan can be realised against a swapped scene
+_OPTIONAL_MENTIONS = ("colour", "style", "size", "position")
+
+
+@dataclass(frozen=True)
+class CaptionPlan:
+    """All random choices of one caption.
+
+    Args:
+        split: the caption split the templates come from.
+        scene_template: the template that arranges object phrases and the background phrase.
+        object_templates: one template per mentioned object, in caption order.
+        object_order: scene object index for each caption position.
+        mentions: per caption position, the optional attributes the caption states (shape is always stated).
+        background_template: the background phrase template, ``None`` when the background is not mentioned.
+        picks: a uniform draw in [0, 1) per word choice, keyed ``"<position>.<slot>"`` or ``"background"``.
+    """
+
+    split: str
+    scene_template: str
+    object_templates: tuple[str, ...]
+    object_order: tuple[int, ...]
+    mentions: tuple[frozenset[str], ...]
+    background_template: str | None
+    picks: dict[str, float]
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _relation(scene: Scene) -> dict[str, tuple[int, int]]:
+    """Relations that hold between the two objects: ``{"left": (i, j)}`` when object i lies fully left of j, etc."""
+    a, b = scene.objects
+    out = {}
+    if abs(a.cx - b.cx) >= a.half_extent + b.half_extent:
+        out["left"] = (0, 1) if a.cx < b.cx else (1, 0)
+    if abs(a.cy - b.cy) >= a.half_extent + b.half_extent:
+        out["above"] = (0, 1) if a.cy < b.cy else (1, 0)
+    return out
+
+
+def _scene_template(rng: np.random.Generator, scene: Scene, tsplit: str, p_relation: float) -> tuple[str, tuple]:
+    """Choose the scene template and the order in which objects appear in the caption."""
+    if scene.count == 0:
+        return _pick(rng, EMPTY_TEMPLATES[tsplit]), ()
+    if scene.count == 1:
+        return _pick(rng, SCENE_TEMPLATES[tsplit]), (0,)
+    relations = _relation(scene)
+    if relations and rng.random() < p_relation:
+        kind = _pick(rng, sorted(relations))
+        return _pick(rng, RELATION_TEMPLATES[tsplit][kind]), relations[kind]
+    order = (0, 1) if rng.random() < 0.5 else (1, 0)
+    return _pick(rng, PAIR_TEMPLATES[tsplit]), order
+
+
+def _needs(template: str) -> frozenset[str]:
+    """The optional attributes an object template cannot do without."""
+    return frozenset("style" if s == "style_post" else s for s in required_slots(template)) - {"shape"}
+
+
+def plan_caption(
+    scene: Scene,
+    rng: np.random.Generator,
+    *,
+    split: str = "train",
+    omit_prob: float = 0.1,
+    size_prob: float = 0.2,
+    position_prob: float = 0.2,
+    background_prob: float = 0.5,
+    relation_prob: float = 0.3,
+    always: Sequence[str] = (),
+) -> CaptionPlan:
+    """Draw every choice of a caption for ``scene``.
+
+    ``omit_prob`` is the chance to leave out each of colour and style (the model then learns the unprompted spread);
+    ``size_prob`` / ``position_prob`` / ``background_prob`` the chance to state each. ``always`` lists attributes that
+    are always stated (e.g. ``("colour", "style")`` for fully specified prompts).
+    """
+    tsplit = _template_split(split)
+    scene_template, order = _scene_template(rng, scene, tsplit, relation_prob)
+    chance = {"colour": 1.0 - omit_prob, "style": 1.0 - omit_prob, "size": size_prob, "position": position_prob}
+    mentions, object_templates = [], []
+    for _ in order:
+        stated = frozenset(k for k in _OPTIONAL_MENTIONS if k in always or rng.random() < chance[k])
+        fits = [t for t in OBJECT_TEMPLATES[tsplit] if _needs(t) <= stated]
+        object_templates.append(_pick(rng, fits or OBJECT_TEMPLATES["train"]))
+        mentions.append(stated)
+    wants_bg = scene.count == 0 or "background" in always or rng.random() < background_prob
+    background_template = _pick(rng, BACKGROUND_TEMPLATES[tsplit]) if wants_bg else None
+    keys = [f"{p}.{slot}" for p in range(len(order)) for slot in ("shape", "colour", "style", "size", "position")]
+    picks = {key: float(rng.random()) for key in [*keys, "background"]}
+    return CaptionPlan(split, scene_template, tuple(object_templates), order, tuple(mentions), background_template,
+                       picks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. realisation: plan + scene -> text
+def _choose(options: Sequence[str], u: float) -> str:
+    """Uniform choice by a draw ``u`` in [0, 1)."""
+    return options[min(int(u * len(options)), len(options) - 1)]
+
+
+def _choose_canonical(options: Sequence[str], u: float) -> str:
+    """Choice by ``u`` in [0, 1) that gives the first (canonical) word half the time, the synonyms the rest."""
+    if u < 0.5 or len(options) == 1:
+        return options[0]
+    return _choose(options[1:], 2.0 * u - 1.0)
+
+
+def _concept_word(concept: Concept, form: str, u: float, paraphrase: bool) -> str:
+    return _choose(concept.heldout[form], u) if paraphrase else _choose_canonical(concept.words[form], u)
+
+
+def _position_words(obj: ToyObject, u: float) -> str:
+    row, column = obj.region
+    row_words = dict(POSITION_ROWS)[row]
+    column_words = dict(POSITION_COLUMNS)[column]
+    if row == "middle" and column == "center":
+        return f"in the {_choose(CENTRE_WORDS, u)}"
+    if row == "middle":
+        return f"on the {column_words[0]}"
+    if column == "center":
+        return f"at the {row_words[0]}"
+    return f"in the {_choose(row_words, u)} {_choose(column_words, u)} corner"
+
+
+def _object_phrase(obj: ToyObject, template: str, stated: frozenset[str], picks: dict[str, float], prefix: str,
+                   paraphrase: Callable[[Concept], bool]) -> str:
+    shape, colour, style = (get_concept(obj.shape), get_concept(obj.colour), get_concept(obj.style))
+    words = {"shape": _concept_word(shape, "noun", picks[f"{prefix}.shape"], paraphrase(shape))}
+    if "colour" in stated:
+        words["colour"] = _concept_word(colour, "adj", picks[f"{prefix}.colour"], paraphrase(colour))
+    if "style" in stated:
+        words["style"] = _concept_word(style, "adj", picks[f"{prefix}.style"], paraphrase(style))
+        words["style_post"] = _concept_word(style, "post", picks[f"{prefix}.style"], paraphrase(style))
+    if "size" in stated:
+        words["size"] = _choose(get_scene_word(SIZES, obj.size).words, picks[f"{prefix}.size"])
+    if "position" in stated:
+        words["position"] = _position_words(obj, picks[f"{prefix}.position"])
+    return with_article(fill_template(template, words))
+
+
+def realise_caption(plan: CaptionPlan, scene: Scene, paraphrase: Callable[[Concept], bool] | None = None) -> str:
+    """The caption text of ``plan`` for ``scene``.
+
+    ``paraphrase(concept)`` says whether a concept's word comes from its held-out list; by default that is the case
+    for every concept exactly when ``plan.split == "heldout_paraphrase"``.
+    """
+    if paraphrase is None:
+        heldout = plan.split == "heldout_paraphrase"
+        paraphrase = lambda concept: heldout  # noqa: E731
+    background = _choose(get_scene_word(BACKGROUNDS, scene.background).words, plan.picks["background"])
+    words = {}
+    if plan.background_template is not None:
+        words["background"] = plan.background_template.format(bg=background)
+    phrases = [
+        _object_phrase(scene.objects[index], template, stated, plan.picks, str(p), paraphrase)
+        for p, (index, template, stated) in enumerate(zip(plan.object_order, plan.object_templates, plan.mentions))
+    ]
+    if scene.count == 0:
+        return plan.scene_template.format(bg=background)
+    if len(phrases) == 1:
+        words["obj"] = phrases[0]
+    else:
+        words["obj1"], words["obj2"] = phrases
+    return fill_template(plan.scene_template, words)
+
+
+def caption_scene(scene: Scene, rng: np.random.Generator, *, split: str = "train", **plan_kwargs) -> str:
+    """A random caption of ``scene`` (see :func:`plan_caption` for the mention probabilities)."""
+    return realise_caption(plan_caption(scene, rng, split=split, **plan_kwargs), scene)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. concept prompts and unsafe -> safe pairs for erasure
+@dataclass(frozen=True)
+class ConceptPromptPair:
+    """An erasure training pair: ``unsafe`` asks for ``concept``; ``safe`` is the same prompt with ``replacement``.
+
+    Field-compatible with ``var_erase.erasure.prompts.PromptPair`` (``unsafe``, ``safe``, ``concept``).
+    """
+
+    unsafe: str
+    safe: str
+    concept: str
+    replacement: str
+
+
+def swap_concept(scene: Scene, concept: str | Concept, replacement: str | Concept) -> Scene:
+    """``scene`` with every object showing ``concept`` changed to ``replacement`` (a value of the same kind)."""
+    old, new = get_concept(concept), get_concept(replacement)
+    if old.kind != new.kind:
+        raise ValueError(f"cannot swap {old.kind} {old.name!r} for {new.kind} {new.name!r}; use a {old.kind}")
+    objects = tuple(replace(o, **{old.kind: new.name}) if o.value(old.kind) == old.name else o for o in scene.objects)
+    return replace(scene, objects=objects)
+
+
+def _replacement(rng: np.random.Generator, concept: Concept, scene: Scene, choices: Sequence[str] | None) -> str:
+    """A different value of the concept's kind, preferring one the scene does not show already."""
+    pool = [get_concept(c).name for c in choices] if choices else [c.name for c in concepts_of_kind(concept.kind)]
+    pool = [c for c in pool if c != concept.name]
+    if not pool:
+        raise ValueError(f"no replacement for {concept.name!r}: pass replacements of kind {concept.kind!r}")
+    fresh = [c for c in pool if c not in scene.values(concept.kind)]
+    return _pick(rng, fresh or pool)
+
+
+def caption_for_concept_prompts(
+    concept: str | Concept,
+    n: int = 64,
+    seed: int = 0,
+    *,
+    split: str = "train",
+    replacements: Sequence[str] | None = None,
+    p_two_objects: float = 0.0,
+    background_prob: float = 0.3,
+) -> list[ConceptPromptPair]:
+    """``n`` prompts that ask for ``concept``, each with its safe twin; deterministic from ``seed``.
+
+    Each prompt describes a random scene that shows the concept, always stating shape, colour and style ("a red
+    striped circle on a black background"); the safe twin swaps the concept for another value of its kind drawn from
+    ``replacements`` (default: every other value) and keeps every other word. With ``split="heldout_paraphrase"`` the
+    concept (and its replacement) is worded with held-out paraphrases — for evaluation, never for training.
+    """
+    target = get_concept(concept)
+    rng = np.random.default_rng(seed)
+    paraphrase = lambda c: split == "heldout_paraphrase" and c.kind == target.kind  # noqa: E731
+    pairs = []
+    for _ in range(n):
+        n_objects = 2 if rng.random() < p_two_objects else 1
+        scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
+        plan = plan_caption(scene, rng, split=split, always=("colour", "style"), size_prob=0.1, position_prob=0.1,
+                            background_prob=background_prob)
+        other = _replacement(rng, target, scene, replacements)
+        safe_scene = swap_concept(scene, target, other)
+        unsafe, safe = realise_caption(plan, scene, paraphrase), realise_caption(plan, safe_scene, paraphrase)
+        pairs.append(ConceptPromptPair(unsafe, safe, target.name, other))
+    return pairs
+
+
+def concept_prompts(concept: str | Concept, n: int = 64, seed: int = 0, *, split: str = "train", **kwargs) -> list[str]:
+    """``n`` prompts that ask for ``concept`` (the unsafe side of :func:`caption_for_concept_prompts`)."""
+    return [pair.unsafe for pair in caption_for_concept_prompts(concept, n, seed, split=split, **kwargs)]
+
+
+def evaluation_prompts(
+    concepts: Sequence[str] | None = None, n_per_concept: int = 8, seed: int = 0, *, split: str = "heldout_template"
+) -> list[tuple[str, str]]:
+    """Rows ``(prompt, concept)`` — the concept an unedited model should draw — for ``examples/evaluate.py`` CSVs.
+
+    ``concepts`` defaults to every concept of every kind; each gets ``n_per_concept`` single-object prompts.
+    """
+    rows = []
+    for k, name in enumerate(concepts or concept_names()):
+        prompts = concept_prompts(name, n_per_concept, seed * 1000 + k, split=split)
+        rows += [(prompt, get_concept(name).name) for prompt in prompts]
+    return rows

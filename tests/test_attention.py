@@ -1,0 +1,187 @@
+"""2D RoPE, cosine self-attention, cross-attention, attentive pooling and the KV cache (var_erase.models.attention)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from var_erase.models.attention import (
+    CosineSelfAttention,
+    CrossAttention,
+    KVCache,
+    TextAttentivePool,
+    apply_rope_2d,
+    block_causal_attention,
+    rope_2d_frequencies,
+)
+from var_erase.schedules import ScaleSchedule
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _randomise(module, std=0.3):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2D RoPE
+
+
+def test_rope_frequencies_follow_infinity_formula():
+    head_dim, theta = 16, 10000.0
+    positions = torch.tensor([[3, 5], [0, 7]])
+    cos, sin = rope_2d_frequencies(positions, head_dim, theta)
+    assert cos.shape == sin.shape == (2, head_dim // 2)
+    inv_freq = torch.tensor([theta ** (-2 * i / (head_dim / 2)) for i in range(head_dim // 4)])
+    expected = torch.cat([positions[:, :1] * inv_freq, positions[:, 1:] * inv_freq], dim=1)  # rows first, then cols
+    torch.testing.assert_close(cos, expected.cos())
+    torch.testing.assert_close(sin, expected.sin())
+
+
+def test_rope_rotates_adjacent_pairs_rows_in_first_half_cols_in_second():
+    head_dim = 8
+    x = torch.randn(1, 1, 1, head_dim)
+    row_only = apply_rope_2d(x, *rope_2d_frequencies(torch.tensor([[5, 0]]), head_dim))
+    col_only = apply_rope_2d(x, *rope_2d_frequencies(torch.tensor([[0, 5]]), head_dim))
+    torch.testing.assert_close(row_only[..., head_dim // 2:], x[..., head_dim // 2:])  # cols untouched by a row move
+    torch.testing.assert_close(col_only[..., : head_dim // 2], x[..., : head_dim // 2])
+    # pair (x0, x1) turned by angle 5 * inv_freq[0] = 5 radians, as a complex multiplication
+    z = torch.complex(x[..., 0], x[..., 1]) * torch.exp(torch.tensor(5.0j))
+    torch.testing.assert_close(row_only[..., 0], z.real)
+    torch.testing.assert_close(row_only[..., 1], z.imag)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    head_dim = 16
+    q, k = torch.randn(1, 1, 1, head_dim), torch.randn(1, 1, 1, head_dim)
+
+    def score(pq, pk):
+        rq = apply_rope_2d(q, *rope_2d_frequencies(torch.tensor([pq]), head_dim))
+        rk = apply_rope_2d(k, *rope_2d_frequencies(torch.tensor([pk]), head_dim))
+        return (rq * rk).sum()
+
+    torch.testing.assert_close(score([2, 3], [5, 1]), score([10, 12], [13, 10]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(score([2, 3], [5, 1]), score([2, 3], [5, 2]))
+
+
+def test_rope_needs_head_dim_divisible_by_4():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        rope_2d_frequencies(torch.zeros(1, 2, dtype=torch.long), 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cosine self-attention
+
+
+def test_cosine_self_attention_matches_the_formula():
+    dim, heads, L = 32, 4, 6
+    attn = _randomise(CosineSelfAttention(dim, heads)).eval()
+    x = torch.randn(2, L, dim)
+    positions = torch.randint(0, 9, (L, 2))
+    cos, sin = rope_2d_frequencies(positions, dim // heads)
+
+    def split(t):
+        return t.view(2, L, heads, -1).transpose(1, 2)
+
+    q = F.normalize(split(x @ attn.to_q.weight.T + attn.to_q.bias), dim=-1)
+    k = F.normalize(split(x @ attn.to_k.weight.T), dim=-1)  # no k bias
+    v = split(x @ attn.to_v.weight.T + attn.to_v.bias)
+    q = q * attn.log_scale.clamp(max=math.log(100.0)).exp()
+    q, k = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+    probs = (q @ k.transpose(-1, -2)).softmax(-1)  # softmax scale 1
+    expected = (probs @ v).transpose(1, 2).reshape(2, L, dim) @ attn.to_out.weight.T + attn.to_out.bias
+    torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-5, rtol=1e-5)
+    assert attn.to_k.bias is None and attn.log_scale.shape == (1, heads, 1, 1)
+
+
+def test_cosine_attention_temperature_is_clamped_at_max_attn_scale():
+    attn = CosineSelfAttention(16, 2, max_attn_scale=100.0).eval()
+    x = torch.randn(1, 5, 16)
+    cos, sin = rope_2d_frequencies(torch.randint(0, 4, (5, 2)), 8)
+    with torch.no_grad():
+        attn.log_scale.fill_(math.log(100.0))
+        at_bound = attn(x, cos, sin)
+        attn.log_scale.fill_(20.0)
+        above = attn(x, cos, sin)
+    torch.testing.assert_close(above, at_bound)
+
+
+@pytest.mark.parametrize("scale", [1.0, None])
+def test_scale_by_scale_attention_equals_the_block_causal_mask(scale):
+    schedule = ScaleSchedule.from_infinity(0.75, "0.06M").truncated(5)
+    q, k, v = (torch.randn(2, 3, schedule.total_tokens, 8) for _ in range(3))
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=schedule.block_causal_mask(), scale=scale)
+    torch.testing.assert_close(block_causal_attention(q, k, v, schedule.offsets, scale=scale), masked)
+
+
+def test_self_attention_with_kv_cache_equals_block_causal_attention():
+    schedule = ScaleSchedule.from_patch_nums((1, 2, 3))
+    dim, heads = 32, 4
+    attn = _randomise(CosineSelfAttention(dim, heads)).eval()
+    x = torch.randn(2, schedule.total_tokens, dim)
+    cos, sin = rope_2d_frequencies(schedule.rope_positions(), dim // heads)
+    full = attn(x, cos, sin, scale_offsets=schedule.offsets)
+    for max_tokens in (None, schedule.total_tokens):
+        cache = KVCache(num_layers=1, max_tokens=max_tokens)
+        pieces = []
+        for k in range(schedule.num_scales):
+            rows = schedule.scale_slice(k)
+            pieces.append(attn(x[:, rows], cos[rows], sin[rows], None, cache, 0))
+        torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+        assert cache.seq_len == schedule.total_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# cross-attention and pooling: padding masked out == the reference's unpadded (variable-length) attention
+
+
+def test_cross_attention_masking_equals_unpadded_text():
+    dim, ctx_dim, heads = 32, 24, 4
+    attn = _randomise(CrossAttention(dim, ctx_dim, heads)).eval()
+    x, text = torch.randn(2, 5, dim), torch.randn(2, 7, ctx_dim)
+    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    out = attn(x, text, mask[:, None, None, :])
+    torch.testing.assert_close(out[1:], attn(x[1:], text[1:, :3], torch.ones(1, 1, 1, 3, dtype=torch.bool)))
+    assert attn.to_k.bias is None and attn.to_v.bias is not None
+
+
+def test_cross_attention_caches_text_keys_and_values():
+    attn = _randomise(CrossAttention(16, 16, 2)).eval()
+    text, mask = torch.randn(1, 4, 16), torch.ones(1, 1, 1, 4, dtype=torch.bool)
+    cache = KVCache(num_layers=1)
+    first = attn(torch.randn(1, 3, 16), text, mask, cache, 0)
+    assert cache.cross_kv(0) is not None and first.shape == (1, 3, 16)
+    x = torch.randn(1, 2, 16)
+    torch.testing.assert_close(attn(x, text, mask, cache, 0), attn(x, text, mask))
+
+
+def test_attentive_pool_masking_equals_unpadded_text():
+    pool = _randomise(TextAttentivePool(text_dim=24, dim=32, num_heads=2)).eval()
+    text = torch.randn(2, 6, 24)
+    mask = torch.tensor([[True] * 6, [True] * 2 + [False] * 4])
+    pooled = pool(text, mask[:, None, None, :])
+    assert pooled.shape == (2, 32)
+    torch.testing.assert_close(pooled[1:], pool(text[1:, :2], torch.ones(1, 1, 1, 2, dtype=torch.bool)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KV cache bookkeeping
+
+
+def test_kv_cache_rejects_a_batch_change_and_overflow():
+    cache = KVCache(num_layers=2, max_tokens=3)
+    cache.update(0, torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))
+    assert not cache.is_consistent and cache.seq_len == 0  # layer 1 has not seen the scale yet
+    with pytest.raises(ValueError, match="batch"):
+        cache.update(0, torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4))
+    with pytest.raises(ValueError, match="at most 3 tokens"):
+        cache.update(0, torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))
+    cache.reset()
+    assert cache.seq_len == 0 and cache.is_consistent

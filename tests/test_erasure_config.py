@@ -1,0 +1,120 @@
+"""ErasureConfig: the reference code's defaults, the paper's options, validation and JSON round trips."""
+
+import json
+import math
+
+import pytest
+
+from var_erase.erasure import losses
+from var_erase.erasure.config import (
+    METHODS,
+    REFERENCE_LEARNING_RATE,
+    ErasureConfig,
+    default_learning_rate,
+    losses_for,
+)
+
+
+def test_defaults_are_the_reference_code():
+    c = ErasureConfig()
+    assert c.method == "svare"
+    assert c.bit_threshold == math.log(2.0) and c.token_threshold == 0.25
+    assert c.comparison == ">=" and c.normalize == "all_tokens" and c.kl_reduction == "code"
+    assert c.preservation_weight == 0.5 and c.update == "alternating"
+    assert c.max_train_steps == 500 and c.train_batch_size == 2 and c.cond_drop_rate == 0.1
+    assert (c.adam_beta1, c.adam_beta2, c.adam_weight_decay, c.max_grad_norm) == (0.9, 0.97, 0.005, 5.0)
+    assert (c.anchor_guidance_scale, c.anchor_temperature, c.anchor_top_k, c.anchor_top_p, c.anchor_seed) == (
+        4.0, 1.0, 900, 0.97, 42)
+    assert (c.inference_guidance_scale, c.inference_temperature) == (4.0, 0.5)
+    assert c.num_train_scales is None and c.negative_guidance == 1.0
+    assert c.lora_target_modules == ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out", "ff.net.0.proj",
+                                     "ff.net.2"]
+
+
+def test_learning_rate_follows_the_finetune_mode():
+    assert REFERENCE_LEARNING_RATE == pytest.approx(2.34375e-5)
+    assert default_learning_rate("full") == REFERENCE_LEARNING_RATE
+    assert default_learning_rate("lora") > default_learning_rate("full")
+    lora = ErasureConfig()
+    full = ErasureConfig(train_modules=["attn2", "ff"])
+    assert (lora.finetune_mode, full.finetune_mode) == ("lora", "full")
+    assert full.effective_learning_rate == REFERENCE_LEARNING_RATE
+    assert lora.effective_learning_rate == default_learning_rate("lora")
+    assert ErasureConfig(learning_rate=3e-4).effective_learning_rate == 3e-4
+    with pytest.raises(ValueError, match="'lora' or 'full'"):
+        default_learning_rate("qlora")
+
+
+def test_paper_preset_flips_only_the_disputed_points():
+    p = ErasureConfig.paper()
+    assert (p.comparison, p.kl_reduction, p.preservation_weight, p.update) == (">", "paper", 1.0, "joint")
+    assert p.token_threshold == 0.25 and p.normalize == "all_tokens"
+    assert ErasureConfig.paper(update="alternating").update == "alternating"
+
+
+def test_losses_table_names_real_loss_functions():
+    assert losses_for("svare") == ("filtered_cross_entropy", "preservation_kl")
+    assert losses_for("fce") == ("filtered_cross_entropy",)
+    assert losses_for("vare") == ("vare_basic_loss",)
+    assert losses_for("naive") == ("naive_loss",)
+    assert losses_for("esd") == ("esd_loss",)
+    for method in METHODS:
+        assert all(callable(getattr(losses, name)) for name in losses_for(method))
+        assert ErasureConfig(method=method).losses == losses_for(method)
+    with pytest.raises(ValueError, match="unknown erasure method 'uce'"):
+        losses_for("uce")
+
+
+def test_json_round_trip():
+    c = ErasureConfig(method="esd", negative_guidance=2.0, train_modules=("attn2",), num_train_scales=3)
+    data = json.loads(json.dumps(c.to_dict()))
+    assert data["train_modules"] == ["attn2"]
+    assert ErasureConfig.from_dict(data) == c
+    assert ErasureConfig.from_dict({"method": "vare"}) == ErasureConfig(method="vare")
+
+
+def test_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match=r"unknown ErasureConfig field\(s\) \['alpha'\]"):
+        ErasureConfig.from_dict({"alpha": 0.25})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"method": "uce"}, "method must be one of"),
+        ({"comparison": "=>"}, "comparison must be one of"),
+        ({"normalize": "mean"}, "normalize must be one of"),
+        ({"kl_reduction": "sum"}, "kl_reduction must be one of"),
+        ({"update": "sum"}, "update must be one of"),
+        ({"token_threshold": 25}, r"token_threshold must be a share of bits in \[0, 1\]"),
+        ({"bit_threshold": 0.0}, "bit_threshold must be a positive number"),
+        ({"preservation_weight": -1}, "preservation_weight must be a number >= 0"),
+        ({"negative_guidance": math.inf}, "negative_guidance must be a finite number"),
+        ({"num_train_scales": 0}, "num_train_scales must be None"),
+        ({"learning_rate": 0.0}, "learning_rate must be None"),
+        ({"max_train_steps": 0}, "max_train_steps must be an integer >= 1"),
+        ({"train_batch_size": 1.5}, "train_batch_size must be an integer >= 1"),
+        ({"adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\)"),
+        ({"cond_drop_rate": 1.0}, r"cond_drop_rate must be a probability in \[0, 1\)"),
+        ({"lora_rank": 0}, "lora_rank must be an integer >= 1"),
+        ({"lora_target_modules": []}, "lora_target_modules must be a non-empty list"),
+        ({"train_modules": "ff"}, "train_modules must be None"),
+        ({"anchor_temperature": 0}, "anchor_temperature must be a number > 0"),
+        ({"inference_top_p": 1.5}, r"inference_top_p must be in \(0, 1\]"),
+        ({"inference_top_k": -1}, "inference_top_k must be an integer >= 0"),
+        ({"anchor_seed": True}, "anchor_seed must be an integer >= 0"),
+    ],
+)
+def test_validation_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ErasureConfig(**overrides)
+
+
+def test_validation_lists_every_error_and_catches_later_edits():
+    with pytest.raises(ValueError) as info:
+        ErasureConfig(method="x", token_threshold=2.0)
+    assert "method" in str(info.value) and "token_threshold" in str(info.value)
+    c = ErasureConfig()
+    c.comparison = ">>"
+    with pytest.raises(ValueError, match="comparison"):
+        c.validate()

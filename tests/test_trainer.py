@@ -1,0 +1,91 @@
+"""The erasure loop on a tiny pipeline: anchors, every method, LoRA and full fine-tune, checkpoint and resume."""
+
+import pytest
+import torch
+
+from var_erase.erasure.anchors import AnchorSet, load_or_sample_anchors, sample_anchors
+from var_erase.erasure.config import ErasureConfig
+from var_erase.erasure.prompts import PromptPair
+from var_erase.erasure.trainer import ErasureTrainer, latest_checkpoint
+
+from ._tiny import tiny_pipeline
+
+PAIRS = [PromptPair("a red circle", "a red square", "circle"), PromptPair("a big blue circle", "a big blue square",
+                                                                          "circle"),
+         PromptPair("a circle on grey", "a square on grey", "circle")]
+
+
+@pytest.fixture(scope="module")
+def anchors():
+    return sample_anchors(tiny_pipeline(), [p.safe for p in PAIRS], anchors_per_prompt=2, progress=False)
+
+
+def _trainer(anchors, **config):
+    pipe = tiny_pipeline()
+    cfg = ErasureConfig(**({"learning_rate": 1e-2, "max_train_steps": 2} | config))
+    return ErasureTrainer(pipe, cfg, PAIRS, anchors, seed=0)
+
+
+def test_anchor_set_shapes_cache_and_replay(anchors, tmp_path):
+    L = anchors.schedule.total_tokens
+    assert len(anchors) == 6 and anchors.bits.shape == (6, L, 8) and anchors.inputs.shape == (6, L - 1, 8)
+    assert anchors.logits.shape == anchors.cond_logits.shape == (6, L, 16)
+    assert anchors.rows_for("a red square") == [0, 3]  # anchor j of every prompt uses seed 42 + j
+    assert not torch.equal(anchors.bits[0], anchors.bits[3])
+    path = tmp_path / "a.safetensors"
+    anchors.save(path)
+    loaded = AnchorSet.load(path)
+    assert loaded.prompts == anchors.prompts and torch.equal(loaded.bits, anchors.bits)
+    cached = load_or_sample_anchors(tiny_pipeline(), ["a red square"], str(tmp_path), "tiny", progress=False)
+    again = load_or_sample_anchors(None, ["a red square"], str(tmp_path), "tiny", progress=False)  # no model needed
+    assert torch.equal(cached.bits, again.bits) and torch.equal(cached.bits[0], anchors.bits[0])
+
+
+def test_svare_lora_trains_every_adapter_tensor(anchors):
+    trainer = _trainer(anchors)
+    before = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
+    assert before and all("attn1" not in k for k in before)  # default targets: cross-attention + FFN
+    trainer.train(progress=False)
+    after = trainer.trainable_state_dict()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+    logs = trainer.state.history[-1]
+    assert {"loss", "pre", "kept"} <= set(logs) and 0 <= logs["kept"] <= 1
+
+
+@pytest.mark.parametrize("method", ["fce", "vare", "naive", "esd"])
+def test_baselines_run_and_train(anchors, method):
+    trainer = _trainer(anchors, method=method, max_train_steps=1)
+    before = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
+    trainer.train(progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.trainable_state_dict().items())
+    assert "pre" not in trainer.state.history[-1]
+
+
+def test_joint_update_and_full_finetune_of_named_modules(anchors):
+    trainer = _trainer(anchors, update="joint", train_modules=["attn2", "ff"])
+    names = set(trainer.trainable_state_dict())
+    assert names and all(".attn2." in n or ".ff." in n for n in names)
+    trainer.train(max_train_steps=1, progress=False)
+
+
+def test_batches_depend_only_on_seed_and_step(anchors):
+    a, b = _trainer(anchors), _trainer(anchors)
+    assert [a.batch_indices(s) for s in range(5)] == [b.batch_indices(s) for s in range(5)]
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(anchors, tmp_path):
+    full = _trainer(anchors, max_train_steps=3, cond_drop_rate=0.0)
+    full.train(progress=False)
+    first = _trainer(anchors, max_train_steps=3, cond_drop_rate=0.0)
+    first.train(max_train_steps=2, checkpointing_steps=2, output_dir=str(tmp_path), progress=False)
+    resumed = _trainer(anchors, max_train_steps=3, cond_drop_rate=0.0)
+    resumed.load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert resumed.state.step == 2
+    resumed.train(progress=False)
+    for k, v in full.trainable_state_dict().items():
+        assert torch.allclose(v, resumed.trainable_state_dict()[k], atol=1e-6), k
+
+
+def test_missing_anchors_is_a_clear_error(anchors):
+    with pytest.raises(ValueError, match="no auxiliary visual tokens"):
+        ErasureTrainer(tiny_pipeline(), ErasureConfig(), [PromptPair("x", "never sampled")], anchors)
