@@ -66,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_batch_size", type=int, default=256)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--bsc_strength", type=float, default=0.3, help="bitwise self-correction flip ratio (Infinity 0.3)")
-    p.add_argument("--time_budget_s", type=float, default=None, help="stop a stage early after this many seconds")
+    p.add_argument("--vae_time_budget_s", type=float, default=None, help="end the VAE stage after this many seconds")
+    p.add_argument("--time_budget_s", type=float, default=None,
+                   help="end the transformer stage after this many seconds (the cosine schedule follows the time)")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None)
     p.add_argument("--vae_config", type=json.loads, default=None, help="JSON overriding the VAE architecture")
     p.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overriding the transformer")
     return p.parse_args(argv)
@@ -82,19 +85,28 @@ def data_loader(batch_size: int, seed: int, num_workers: int) -> DataLoader:
                       persistent_workers=num_workers > 0)
 
 
-def cosine_lr(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int = 200):
-    warmup = min(warmup, max(1, total_steps // 10))
+class CosineByProgress:
+    """Warm-up then cosine decay over the run's progress = max(step / max_steps, elapsed / time_budget), so a run
+    stopped by its time budget still ends with a decayed learning rate."""
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, time_budget_s: float | None,
+                 warmup_steps: int = 200) -> None:
+        self.optimizer, self.max_steps, self.budget = optimizer, max_steps, time_budget_s
+        self.base = [g["lr"] for g in optimizer.param_groups]
+        self.warmup = min(warmup_steps, max(1, max_steps // 10))
+        self.start = time.perf_counter()
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def progress(self, step: int) -> float:
+        elapsed = (time.perf_counter() - self.start) / self.budget if self.budget else 0.0
+        return min(1.0, max(step / self.max_steps, elapsed))
 
+    def done(self, step: int) -> bool:
+        return self.progress(step) >= 1.0
 
-def out_of_time(start: float, budget: float | None) -> bool:
-    return budget is not None and time.perf_counter() - start > budget
+    def step(self, step: int) -> None:
+        factor = (step + 1) / self.warmup if step < self.warmup else 0.5 * (1 + math.cos(math.pi * self.progress(step)))
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            group["lr"] = base * factor
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -103,9 +115,9 @@ def train_vae(args, accelerator: Accelerator) -> dict:
     vae = BSQAutoencoder(**(TOY_VAE | (args.vae_config or {})))
     schedule = toy_schedule(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-    lr_scheduler = cosine_lr(optimizer, args.vae_steps)
     loader = data_loader(args.vae_batch_size, args.seed, args.num_workers)
-    vae, optimizer, loader, lr_scheduler = accelerator.prepare(vae, optimizer, loader, lr_scheduler)
+    vae, optimizer, loader = accelerator.prepare(vae, optimizer, loader)
+    lr_scheduler = CosineByProgress(optimizer, args.vae_steps, args.vae_time_budget_s)
     start = time.perf_counter()
     progress = tqdm(total=args.vae_steps, desc="vae", disable=not accelerator.is_main_process)
     for step, batch in enumerate(loader):
@@ -115,12 +127,13 @@ def train_vae(args, accelerator: Accelerator) -> dict:
         loss = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(vae.parameters(), 1.0)
+        lr_scheduler.step(step)
         optimizer.step()
-        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step + 1 >= args.vae_steps or out_of_time(start, args.time_budget_s):
+        if step % 20 == 0:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+        if lr_scheduler.done(step + 1):
             break
     vae = accelerator.unwrap_model(vae).eval()
     metrics = {"vae_steps": step + 1, "vae_seconds": round(time.perf_counter() - start, 1),
@@ -210,9 +223,9 @@ def train_transformer(args, accelerator: Accelerator) -> dict:
     weights_L = scale_reweight_weights(schedule).to(accelerator.device)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, betas=(0.9, 0.97),
                                   weight_decay=0.01)
-    lr_scheduler = cosine_lr(optimizer, args.max_train_steps)
     loader = data_loader(args.train_batch_size, args.seed + 1, args.num_workers)
-    transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
+    lr_scheduler = CosineByProgress(optimizer, args.max_train_steps, args.time_budget_s)
     vae.to(accelerator.device)
     text_encoder.to(accelerator.device)
     generator = torch.Generator(accelerator.device).manual_seed(args.seed)
@@ -229,13 +242,13 @@ def train_transformer(args, accelerator: Accelerator) -> dict:
         loss = bitwise_cross_entropy(logits.float(), torch.cat(labels, 1), token_weight_L=weights_L)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(transformer.parameters(), 2.0)
+        lr_scheduler.step(step)
         optimizer.step()
-        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         progress.update()
         if step % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step + 1 >= args.max_train_steps or out_of_time(start, args.time_budget_s):
+        if lr_scheduler.done(step + 1):
             break
     metrics = {"transformer_steps": step + 1, "transformer_seconds": round(time.perf_counter() - start, 1),
                "transformer_final_loss": round(loss.item(), 4)}
@@ -267,7 +280,7 @@ def assemble(args) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = {}

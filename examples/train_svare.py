@@ -1,0 +1,208 @@
+"""Erase concepts from a VAR model with S-VARE (or a baseline), as a LoRA adapter with a model card.
+
+    python examples/train_svare.py --concept circle --output_dir outputs/erase-circle
+    python examples/train_svare.py --prompt_pairs pairs.json --concept nudity \
+        --pretrained_model_name_or_path path/to/infinity-2b --output_dir outputs/erase-nudity --mixed_precision bf16
+
+Steps: unsafe -> safe prompt pairs (``--prompt_pairs`` file in the EAR / S-VARE format, or generated for each named
+``--concept`` of the model's world); the frozen model's auxiliary visual tokens for every safe prompt (cached under
+``--anchor_cache_dir``); the erasure loop (:class:`var_erase.erasure.trainer.ErasureTrainer`); then
+``pytorch_lora_weights.safetensors`` (with alpha and the adapter's identity in its header), ``README.md`` (the model
+card), ``grid.png`` (before / after for the validation prompts) and ``training_log.json`` in ``--output_dir``.
+Runs under ``accelerate launch`` as well as plain ``python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.utils import make_image_grid
+from peft import LoraConfig
+
+from var_erase import DEFAULT_MODEL
+from var_erase.erasure.anchors import _adapters_disabled, load_or_sample_anchors
+from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, METHODS, ErasureConfig
+from var_erase.erasure.prompts import PromptPair, load_prompt_pairs
+from var_erase.erasure.trainer import ErasureTrainer, latest_checkpoint
+from var_erase.hub import AdapterMetadata, push_adapter_to_hub, render_model_card, save_model_card
+from var_erase.pipelines.pipeline_var import VARPipeline
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--concept", action="append", default=[],
+                   help="a concept of the model's world (pairs are generated) or a label for --prompt_pairs; repeat "
+                        "for several concepts in one adapter")
+    p.add_argument("--prompt_pairs", action="append", default=[],
+                   help="JSON/CSV of unsafe/safe pairs (keys original_prompt/modified_prompt or unsafe_prompt/"
+                        "safe_prompt); repeatable")
+    p.add_argument("--num_pairs", type=int, default=50, help="pairs generated per named concept (the paper: 50)")
+    p.add_argument("--method", choices=METHODS, default="svare")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora_alpha", type=float, default=None, help="default: --rank")
+    p.add_argument("--lora_layers", default=",".join(DEFAULT_LORA_TARGET_MODULES),
+                   help="comma-separated LoRA target modules (default: cross-attention + FFN)")
+    p.add_argument("--train_modules", default=None,
+                   help="full fine-tune of these modules instead of LoRA, e.g. 'attn2,ff' (the reference's CA + FFN)")
+    p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-4 for LoRA, 2.34e-5 full")
+    p.add_argument("--max_train_steps", type=int, default=500)
+    p.add_argument("--train_batch_size", type=int, default=2)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
+    p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
+    p.add_argument("--preservation_weight", type=float, default=0.5)
+    p.add_argument("--num_train_scales", type=int, default=None, help="train only the first K scales")
+    p.add_argument("--anchors_per_prompt", type=int, default=1)
+    p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpointing_steps", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    p.add_argument("--validation_prompt", action="append", default=[])
+    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    args = p.parse_args(argv)
+    if not args.concept and not args.prompt_pairs:
+        p.error("give at least one --concept (a concept of the model's world) or --prompt_pairs FILE")
+    return args
+
+
+def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
+    """Prompt pairs from files, or generated for the named concepts of the toy world. Returns (pairs, concepts)."""
+    pairs: list[PromptPair] = []
+    for path in args.prompt_pairs:
+        pairs += load_prompt_pairs(path, default_concept=args.concept[0] if len(args.concept) == 1 else None)
+    if args.prompt_pairs:
+        concepts = args.concept or sorted({p.concept for p in pairs if p.concept}) or ["custom"]
+        return pairs, concepts
+    from var_erase.toy.captions import caption_for_concept_prompts
+    from var_erase.toy.concepts import get_concept
+
+    for k, name in enumerate(args.concept):
+        try:
+            get_concept(name)
+        except (KeyError, ValueError) as err:
+            raise SystemExit(f"--concept {name!r} is not a concept of the toy world ({err}). For another concept, "
+                             f"pass --prompt_pairs FILE with its unsafe/safe pairs.") from err
+        generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train")
+        pairs += [PromptPair(g.unsafe, g.safe, g.concept) for g in generated]
+    return list(dict.fromkeys(pairs)), args.concept
+
+
+def erasure_config(args) -> ErasureConfig:
+    modules = args.train_modules.split(",") if args.train_modules else None
+    return ErasureConfig(
+        method=args.method, learning_rate=args.learning_rate, max_train_steps=args.max_train_steps,
+        train_batch_size=args.train_batch_size, update=args.update, token_threshold=args.token_threshold,
+        preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
+        lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
+        lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,
+    )
+
+
+@torch.no_grad()
+def validation_grid(pipe, prompts: list[str], n: int, seed: int, config: ErasureConfig):
+    """Rows: prompts; columns: n images before (adapters off), then n after, same seeds."""
+    kwargs = dict(guidance_scale=config.inference_guidance_scale, temperature=config.inference_temperature,
+                  top_k=config.inference_top_k, top_p=config.inference_top_p, num_images_per_prompt=n)
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    rows = []
+    for i, prompt in enumerate(prompts):
+        gens = lambda i=i: [torch.Generator().manual_seed(seed * 1000 + i * n + j) for j in range(n)]  # noqa: E731
+        with _adapters_disabled(pipe.transformer):
+            before = pipe(prompt, generator=gens(), **kwargs).images
+        rows += before + pipe(prompt, generator=gens(), **kwargs).images
+    pipe.transformer.train(was_training)
+    return make_image_grid(rows, rows=len(prompts), cols=2 * n)
+
+
+def default_validation_prompts(pairs: list[PromptPair]) -> list[str]:
+    """Two unsafe prompts and one safe prompt per concept."""
+    out = []
+    for concept in dict.fromkeys(p.concept for p in pairs):
+        mine = [p for p in pairs if p.concept == concept]
+        out += [p.unsafe for p in mine[:2]] + [mine[0].safe]
+    return out
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    set_seed(args.seed)
+    pairs, concepts = resolve_pairs(args)
+    config = erasure_config(args)
+    pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    # 1. auxiliary visual tokens of the safe prompts (frozen model, cached)
+    anchors = load_or_sample_anchors(
+        pipe, list(dict.fromkeys(p.safe for p in pairs)), args.anchor_cache_dir or os.path.join(args.output_dir,
+                                                                                                   "anchors"),
+        model_id=str(args.pretrained_model_name_or_path), anchors_per_prompt=args.anchors_per_prompt,
+        guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature, top_k=config.anchor_top_k,
+        top_p=config.anchor_top_p, seed=config.anchor_seed, progress=accelerator.is_main_process)
+
+    # 2. erase
+    metadata = AdapterMetadata.from_training(args.pretrained_model_name_or_path, pipe.transformer, concepts,
+                                             args.method, hyperparameters=config.to_dict() | {
+                                                 "seed": args.seed, "num_pairs": len(pairs),
+                                                 "anchors_per_prompt": args.anchors_per_prompt})
+    trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
+                             gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    resume = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else \
+        args.resume_from_checkpoint
+    if resume:
+        trainer.load_checkpoint(resume)
+        accelerator.print(f"resumed from {resume} at step {trainer.state.step}")
+    trainer.train(checkpointing_steps=args.checkpointing_steps, output_dir=args.output_dir)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return args.output_dir
+
+    # 3. adapter, grid, card, log
+    if config.finetune_mode == "lora":
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                          target_modules=list(config.lora_target_modules))
+        metadata.lora_rank, metadata.lora_alpha = lora.r, lora.lora_alpha
+        metadata.lora_target_modules = sorted(lora.target_modules)
+        VARPipeline.save_lora_weights(args.output_dir, transformer_lora_layers=trainer.trainable_state_dict(),
+                                      transformer_lora_adapter_metadata=pipe.transformer.peft_config[
+                                          "default"].to_dict(),
+                                      extra_metadata=metadata.to_safetensors_metadata())
+    else:
+        from safetensors.torch import save_file
+
+        save_file(trainer.trainable_state_dict(), os.path.join(args.output_dir, "finetuned_modules.safetensors"),
+                  metadata=metadata.to_safetensors_metadata())
+    prompts = args.validation_prompt or default_validation_prompts(pairs)
+    grid = validation_grid(pipe, prompts, args.num_validation_images, args.seed, config)
+    grid.save(os.path.join(args.output_dir, "grid.png"))
+    with open(os.path.join(args.output_dir, "training_log.json"), "w") as f:
+        json.dump({"args": vars(args), "config": config.to_dict(), "concepts": concepts, "num_pairs": len(pairs),
+                   "validation_prompts": prompts, "history": trainer.state.history}, f, indent=2)
+    repo_id = args.hub_model_id or f"var-erased-{'-'.join(concepts)}"
+    save_model_card(render_model_card(metadata, repo_id, {"Before (left) / after (right)": "grid.png"}),
+                    args.output_dir)
+    if args.push_to_hub:
+        url = push_adapter_to_hub(args.output_dir, repo_id, token=args.hub_token)
+        print(f"pushed to {url}")
+    print(f"wrote the adapter, README.md and grid.png to {args.output_dir}")
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()
