@@ -82,7 +82,12 @@ def toy_schedule(vae: BSQAutoencoder) -> ScaleSchedule:
 def data_loader(batch_size: int, seed: int, num_workers: int) -> DataLoader:
     dataset = ToyDataset(resolution=RESOLUTION, seed=seed, split="train")
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=_one_thread, prefetch_factor=4 if num_workers
+                      else None)
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)  # rendering workers need no intra-op threads; many would oversubscribe the cores
 
 
 class CosineByProgress:

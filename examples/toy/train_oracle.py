@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/oracle")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--train_batch_size", type=int, default=256)
-    p.add_argument("--max_train_steps", type=int, default=6000)
+    p.add_argument("--max_train_steps", type=int, default=4000)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--lr_warmup_steps", type=int, default=200)
@@ -161,9 +161,14 @@ def lr_lambda(warmup: int, total: int):
     return scale
 
 
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)  # a rendering worker needs no intra-op threads; many would oversubscribe the cores
+
+
 def train(args: argparse.Namespace, oracle: OracleClassifier) -> None:
     stream = RenderedBatches(args.train_batch_size, args.resolution, args.seed, args.p_two_objects, args.p_empty)
-    loader = DataLoader(stream, batch_size=None, num_workers=args.dataloader_num_workers)
+    loader = DataLoader(stream, batch_size=None, num_workers=args.dataloader_num_workers,
+                        worker_init_fn=_one_thread)
     optimizer = torch.optim.AdamW(oracle.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_warmup_steps, args.max_train_steps))
     gen = torch.Generator().manual_seed(args.seed)
@@ -211,6 +216,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     train(args, oracle)
     train_seconds = time.perf_counter() - start
+    os.makedirs(args.output_dir, exist_ok=True)
+    oracle.to(memory_format=torch.contiguous_format).save_pretrained(args.output_dir, safe_serialization=True)
     results = evaluate(oracle, args.eval_images, args.resolution, args.seed)
     report = {
         "eval_images": args.eval_images,
@@ -220,9 +227,6 @@ def main(argv=None) -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "torch": torch.__version__,
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    oracle = oracle.to("cpu").to(memory_format=torch.contiguous_format)
-    oracle.save_pretrained(args.output_dir, safe_serialization=True)
     with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(json.dumps(report, indent=2))
