@@ -1,13 +1,17 @@
 """Train the toy world's oracle classifier on fresh renders (no dataset on disk), then report its accuracy.
 
-    python examples/toy/train_oracle.py --output_dir outputs/oracle --threads 1
+    python examples/toy/train_oracle.py --output_dir outputs/oracle          # ~3.5 min on one H200 + 15 CPU workers
+    python examples/toy/train_oracle.py --evaluate_only src/var_erase/toy/weights/oracle --seed 7 --threads 1
 
 Every step renders a new batch of scenes (1 or 2 objects, some empty), degrades it the way a generative model's
 output is degraded (blur, down/up-sampling, JPEG-like 8x8 block quantisation, small colour shifts, noise, horizontal
 flips) and fits presence (BCE) for shape / colour / style and background / object count (cross-entropy). At the end it
 reads ``--eval_images`` fresh renders from a seed stream training never used, clean and degraded, and writes
 ``config.json`` + ``diffusion_pytorch_model.safetensors`` and ``eval_results.json`` to ``--output_dir``. The shipped
-weights (``src/var_erase/toy/weights/oracle``) are this script's output with its defaults.
+weights (``src/var_erase/toy/weights/oracle``) are this script's output with its defaults, run on one GPU: 4000
+steps of 256 images took 193 s (data-bound, 15 rendering workers) and read 8192 fresh renders without an error. On one
+CPU thread the same recipe runs at about 4 steps/s of 64 images and is not there after 10 minutes (94-97%
+per-attribute after 1800 steps); use a GPU.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataloader_num_workers", type=int, default=max(0, min(14, (os.cpu_count() or 1) - 2)),
                    help="render in this many worker processes (the stream does not depend on it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--evaluate_only", default=None, metavar="ORACLE_DIR",
+                   help="skip training: evaluate the oracle saved in ORACLE_DIR (e.g. the shipped one) and print JSON")
     return p.parse_args(argv)
 
 
@@ -208,6 +214,12 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.evaluate_only:
+        oracle = OracleClassifier.from_pretrained(args.evaluate_only).to(args.device)
+        report = {"oracle": args.evaluate_only, "eval_images": args.eval_images, "seed": args.seed,
+                  "accuracy": evaluate(oracle, args.eval_images, args.resolution, args.seed)}
+        print(json.dumps(report, indent=2))
+        return
     oracle = OracleClassifier(image_size=args.resolution, block_channels=tuple(args.block_channels),
                               feature_dim=args.feature_dim)
     oracle = oracle.to(args.device).to(memory_format=torch.channels_last)

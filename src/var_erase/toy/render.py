@@ -7,8 +7,9 @@ under a millisecond on one CPU core.
 
 Fill styles are drawn so that a stride-8 autoencoder can reproduce them: the pattern has a period of ``size / 8``
 pixels (8 px at 64 x 64, i.e. exactly one period per latent cell) and is anchored to the image grid, not to the
-object, so every cell inside a striped (dotted) object holds the same sub-image. Patterned and outlined objects keep a
-coloured outline, so the silhouette — the shape — stays readable whatever the style; gaps show the background.
+object, so every cell inside a striped (dotted) object holds the same sub-image. Stripes and dots are drawn in full
+colour over a translucent body of the same colour, so the silhouette — the shape — stays whole at every size;
+outlined objects are a band of ``size / 32`` pixels along the edge.
 
 Coordinates: ``cx`` (``cy``) is the centre as a fraction of the width (height), 0 at the left (top) edge;
 ``half_extent`` is half the side of the object's box as a fraction of the image side.
@@ -113,21 +114,28 @@ def _sample_attributes(rng: np.random.Generator, forced: Mapping[str, str | None
     return attrs
 
 
+def _draw_halves(rng: np.random.Generator, sizes: Sequence[str], tries: int = 50) -> list[float]:
+    """Half-extents for the size classes, redrawn (within each class) until the objects can fit side by side."""
+    for _ in range(tries):
+        halves = [float(rng.uniform(*get_scene_word(SIZES, size).value)) for size in sizes]
+        if len(halves) < 2 or 2 * sum(halves) + _GAP + 2 * _EDGE <= 1.0:
+            return halves
+    raise ValueError(f"objects of sizes {list(sizes)} cannot fit side by side in one image; force smaller sizes "
+                     "(e.g. size='small') or fewer objects")
+
+
 def _place(rng: np.random.Generator, halves: Sequence[float]) -> list[tuple[float, float]]:
     """Centres for up to two boxes of the given half-extents, inside the image and apart by at least the gap.
 
     Two boxes are separated along a random axis: the first centre is drawn where the second still fits beyond it, the
-    second beyond the first; the other coordinate of each is uniform. Always succeeds when the boxes can fit.
+    second beyond the first; the other coordinate of each is uniform.
     """
     lo = [h + _EDGE for h in halves]
     hi = [1.0 - h - _EDGE for h in halves]
     if len(halves) < 2:
         return [(float(rng.uniform(lo[0], hi[0])), float(rng.uniform(lo[0], hi[0])))] if halves else []
     first, second = (0, 1) if rng.random() < 0.5 else (1, 0)  # which object lies before the other on the axis
-    reach = halves[0] + halves[1] + _GAP
-    if hi[second] - reach < lo[first]:
-        raise ValueError(f"objects of half-extents {list(halves)} cannot both fit; force smaller sizes (e.g. "
-                         "size='small')")
+    reach = halves[0] + halves[1] + _GAP  # _draw_halves guarantees hi[second] - reach >= lo[first]
     along = [0.0, 0.0]
     along[first] = float(rng.uniform(lo[first], hi[second] - reach))
     along[second] = float(rng.uniform(along[first] + reach, hi[second]))
@@ -183,7 +191,7 @@ def sample_scene(
     for forced in per_object[:n_objects]:
         attrs.append(_sample_attributes(rng, forced, taken if distinct_shapes else set(), size_choices))
         taken.add(attrs[-1]["shape"])
-    halves = [float(rng.uniform(*get_scene_word(SIZES, a["size"]).value)) for a in attrs]
+    halves = _draw_halves(rng, [a["size"] for a in attrs])
     centres = _place(rng, halves)
     rotations = rng.uniform(-max_rotation, max_rotation, size=n_objects) if max_rotation > 0 else np.zeros(n_objects)
     objs = tuple(
