@@ -124,7 +124,9 @@ def validation_grid(pipe, prompts: list[str], n: int, seed: int, config: Erasure
             before = pipe(prompt, generator=gens(), **kwargs).images
         rows += before + pipe(prompt, generator=gens(), **kwargs).images
     pipe.transformer.train(was_training)
-    return make_image_grid(rows, rows=len(prompts), cols=2 * n)
+    grid = make_image_grid(rows, rows=len(prompts), cols=2 * n)
+    scale = max(1, 128 // rows[0].width)  # small images (the toy world's 64 px) are shown enlarged
+    return grid.resize((grid.width * scale, grid.height * scale), resample=0) if scale > 1 else grid
 
 
 def default_validation_prompts(pairs: list[PromptPair]) -> list[str]:
