@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concept", default="red", help="a concept of the toy world (default: a colour, which the "
                                                     "shipped checkpoint draws reliably)")
     p.add_argument("--output_dir", default="outputs/demo")
-    p.add_argument("--num_pairs", type=int, default=24)
-    p.add_argument("--max_train_steps", type=int, default=120)
+    p.add_argument("--num_pairs", type=int, default=32)
+    p.add_argument("--max_train_steps", type=int, default=200)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--eval_prompts_per_concept", type=int, default=8)

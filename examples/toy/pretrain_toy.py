@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None)
     p.add_argument("--vae_config", type=json.loads, default=None, help="JSON overriding the VAE architecture")
     p.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overriding the transformer")
+    p.add_argument("--init_transformer", default=None, help="continue training from this transformer folder")
     return p.parse_args(argv)
 
 
@@ -220,7 +221,10 @@ def load_text(args):
 def train_transformer(args, accelerator: Accelerator) -> dict:
     vae = BSQAutoencoder.from_pretrained(os.path.join(args.output_dir, "vae")).eval().requires_grad_(False)
     tokenizer, text_encoder = load_text(args)
-    transformer = VARTransformer2DModel(**(TOY_TRANSFORMER | (args.transformer_config or {})))
+    if args.init_transformer:
+        transformer = VARTransformer2DModel.from_pretrained(args.init_transformer, dtype=torch.float32)
+    else:
+        transformer = VARTransformer2DModel(**(TOY_TRANSFORMER | (args.transformer_config or {})))
     # the pipeline object gives the exact text encoding the sampler will use
     pipe = VARPipeline(tokenizer=tokenizer, text_encoder=text_encoder.requires_grad_(False), transformer=transformer,
                        vae=vae)

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +41,8 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
+
+from .utils import atomic_write_bytes
 
 __all__ = [
     "ADAPTER_METADATA_KEY",
@@ -410,7 +411,7 @@ def write_adapter_metadata(
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file ({err}); re-save the adapter") from err
     header.update(metadata.to_safetensors_metadata())
-    _atomic_write_bytes(path, safetensors_save(tensors, metadata=header))
+    atomic_write_bytes(path, safetensors_save(tensors, metadata=header))
     return path
 
 
@@ -519,7 +520,7 @@ def _template_text(template_path: str | os.PathLike | None) -> str:
 def save_model_card(card: ModelCard, directory: str | os.PathLike) -> Path:
     """Write ``card`` to ``directory/README.md`` atomically; returns the path."""
     path = Path(directory) / MODEL_CARD_NAME
-    _atomic_write_bytes(path, str(card).encode("utf-8"))
+    atomic_write_bytes(path, str(card).encode("utf-8"))
     return path
 
 
@@ -669,18 +670,3 @@ def _check_adapter_folder(folder: Path) -> None:
                                     "render the card without it")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, then rename it over ``path``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; adapters and cards are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import safetensors.torch
@@ -29,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedules import ScaleSchedule
+from ..utils import atomic_write_bytes
 
 
 @dataclass
@@ -55,16 +55,7 @@ class AnchorSet:
                    "logits": self.logits.contiguous(), "cond_logits": self.cond_logits.contiguous()}
         header = {"prompts": json.dumps(self.prompts), "schedule": json.dumps(self.schedule.to_dict()),
                   "settings": json.dumps(self.settings, sort_keys=True)}
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_anchors_", suffix=".safetensors")
-        os.close(fd)
-        try:
-            safetensors.torch.save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=header))
 
     @classmethod
     def load(cls, path: str) -> AnchorSet:

@@ -22,10 +22,11 @@ import errno
 import io
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..utils import atomic_write_bytes
 
 __all__ = ["KEY_PAIRS", "PromptPair", "PromptPairsError", "load_prompt_pairs", "write_prompt_pairs"]
 
@@ -104,7 +105,7 @@ def write_prompt_pairs(pairs: Iterable[PromptPair], path: str | os.PathLike) -> 
         {"unsafe_prompt": p.unsafe, "safe_prompt": p.safe, **({CONCEPT_KEY: p.concept} if p.concept else {})}
         for p in pairs
     ]
-    _atomic_write_text(path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_bytes(path, (json.dumps(records, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return path
 
 
@@ -242,19 +243,4 @@ def _check_unique(path: Path, pairs: list[PromptPair], wheres: list[str], drop_d
 
 
 # -- writing ---------------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file next to ``path``, then rename it over ``path``: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a prompt file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 

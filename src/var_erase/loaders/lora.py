@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import safetensors
 import safetensors.torch
@@ -28,6 +27,8 @@ from diffusers.loaders.lora_base import (
     _pack_dict_with_prefix,
 )
 from huggingface_hub.utils import validate_hf_hub_args
+
+from ..utils import atomic_write_bytes
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
@@ -160,18 +161,9 @@ class VARLoraLoaderMixin(LoraBaseMixin):
             packed = _pack_dict_with_prefix(transformer_lora_adapter_metadata, cls.transformer_name)
             packed = {k: sorted(v) if isinstance(v, set) else v for k, v in packed.items()}
             header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
-        os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, weight_name or LORA_WEIGHT_NAME)
         state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        fd, tmp = tempfile.mkstemp(dir=save_directory, prefix=".tmp_lora_", suffix=".safetensors")
-        os.close(fd)
-        try:
-            safetensors.torch.save_file(state_dict, tmp, metadata=header)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_bytes(path, safetensors.torch.save(state_dict, metadata=header))
         return path
 
     def fuse_lora(
