@@ -1,0 +1,143 @@
+"""Reproduce the paper's comparison on the toy world: methods, the filter ratio alpha, and several concepts at once.
+
+    python examples/reproduce_table.py --output_dir outputs/table          # writes outputs/table/results.md
+
+Rows (each an adapter trained by ``examples/train_svare.py`` from the same pairs, seeds and budget, then read by the
+oracle on held-out prompts with the same seeds):
+
+- per concept: original model, ``naive`` (Eq. 6), ``vare`` (VARE-basic, Eq. 7), ``fce`` (VARE + filtered CE), ``svare``
+  (+ preservation KL);
+- alpha ablation of S-VARE on the first concept: token threshold 0, 0.25 (default), 0.5, 0.75;
+- multi-concept: one adapter erasing the first ``--multi`` concepts of the first concept's kind.
+
+Columns: ``acc_e`` (target still drawn, held-out templates), ``acc_e_para`` (held-out paraphrases of the target),
+``acc_i`` (the other concepts of the target's kind still drawn). Finished runs are reused (delete a run's folder to
+redo it), so the script can be interrupted and restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train_svare  # noqa: E402
+
+from var_erase import DEFAULT_MODEL  # noqa: E402
+from var_erase.evaluation.toy_metrics import concept_accuracy  # noqa: E402
+from var_erase.pipelines.pipeline_var import VARPipeline  # noqa: E402
+from var_erase.toy.captions import evaluation_prompts  # noqa: E402
+from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
+from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier  # noqa: E402
+
+METHODS = ("naive", "vare", "fce", "svare")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
+    p.add_argument("--concepts", default="red,blue", help="comma-separated target concepts")
+    p.add_argument("--alphas", default="0,0.5,0.75", help="token thresholds besides the default 0.25")
+    p.add_argument("--multi", type=int, default=5, help="concepts erased together (0: skip)")
+    p.add_argument("--num_pairs", type=int, default=24)
+    p.add_argument("--max_train_steps", type=int, default=150)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--prompts_per_concept", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="outputs/table")
+    return p.parse_args(argv)
+
+
+def train(args, name: str, concepts: list[str], *extra: str) -> str:
+    out = os.path.join(args.output_dir, name)
+    if not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors")):
+        argv = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--output_dir", out,
+                "--num_pairs", str(args.num_pairs), "--max_train_steps", str(args.max_train_steps),
+                "--learning_rate", str(args.learning_rate), "--rank", str(args.rank), "--seed", str(args.seed),
+                "--num_validation_images", "2", *extra]
+        for concept in concepts:
+            argv += ["--concept", concept]
+        train_svare.main(argv)
+    return out
+
+
+def evaluate(pipe, oracle, adapter: str | None, targets: list[str], args) -> dict:
+    """acc_e / acc_i on held-out templates and acc_e on held-out paraphrases, same seeds for every row."""
+    kind = get_concept(targets[0]).kind
+    rows = evaluation_prompts(concept_names(kind), args.prompts_per_concept, args.seed + 1)
+    para = evaluation_prompts(targets, args.prompts_per_concept, args.seed + 2, split="heldout_paraphrase")
+    if adapter is not None:
+        pipe.load_lora_weights(adapter, adapter_name="row")
+    kwargs = dict(seed=args.seed + 1, batch_size=32, progress=False, guidance_scale=4.0, temperature=0.5)
+    main = concept_accuracy(pipe, oracle, rows, targets, **kwargs)
+    paraphrased = concept_accuracy(pipe, oracle, para, targets, **kwargs)
+    if adapter is not None:
+        pipe.delete_adapters("row")
+    return {"acc_e": main["acc_e"], "acc_e_para": paraphrased["acc_e"], "acc_i": main["acc_i"],
+            "per_concept": main["per_concept"], "n_images": main["n_images"] + paraphrased["n_images"]}
+
+
+def plan(args) -> list[tuple[str, str, list[str], tuple[str, ...]]]:
+    """(row label, run name, targets, extra train args); run name '' = the original model."""
+    concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    rows = []
+    for c in concepts:
+        rows.append((f"{c}: original", "", [c], ()))
+        rows += [(f"{c}: {m}", f"{c}-{m}", [c], ("--method", m)) for m in METHODS]
+    first = concepts[0]
+    for alpha in [a for a in args.alphas.split(",") if a.strip()]:
+        rows.append((f"{first}: svare alpha={alpha}", f"{first}-svare-alpha{alpha}", [first],
+                     ("--token_threshold", alpha)))
+    if args.multi > 1:
+        kind = get_concept(first).kind
+        group = [first] + [c for c in concept_names(kind) if c != first][: args.multi - 1]
+        rows.append((f"{len(group)} concepts together ({', '.join(group)})", f"multi{len(group)}", group, ()))
+    return rows
+
+
+def markdown(results: list[dict], args) -> str:
+    lines = ["| row | acc_e ↓ | acc_e paraphrase ↓ | acc_i ↑ | images |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        lines.append(f"| {r['row']} | {r['acc_e']:.2f} | {r['acc_e_para']:.2f} | {r['acc_i']:.2f} | "
+                     f"{r['n_images']} |")
+    settings = (f"{args.max_train_steps} steps, {args.num_pairs} pairs per concept, LoRA rank {args.rank}, learning "
+                f"rate {args.learning_rate}, seed {args.seed}, {args.prompts_per_concept} held-out prompts per "
+                f"concept, guidance 4, temperature 0.5")
+    return "\n".join(lines) + f"\n\nSettings: {settings}.\n"
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    oracle = OracleClassifier.from_pretrained(ORACLE_PATH)
+    results = []
+    for label, name, targets, extra in plan(args):
+        cached = os.path.join(args.output_dir, f"{name or 'original-' + targets[0]}.eval.json")
+        if os.path.exists(cached):
+            with open(cached) as f:
+                results.append(json.load(f))
+            continue
+        start = time.perf_counter()
+        adapter = train(args, name, targets, *extra) if name else None
+        row = {"row": label, "targets": targets, **evaluate(pipe, oracle, adapter, targets, args),
+               "seconds": round(time.perf_counter() - start, 1)}
+        with open(cached, "w") as f:
+            json.dump(row, f, indent=2)
+        results.append(row)
+        print(json.dumps({k: row[k] for k in ("row", "acc_e", "acc_e_para", "acc_i", "seconds")}), flush=True)
+    table = markdown(results, args)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
