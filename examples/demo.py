@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_svare  # noqa: E402
 
 from var_erase import DEFAULT_MODEL  # noqa: E402
-from var_erase.erasure.anchors import _adapters_disabled  # noqa: E402
 from var_erase.evaluation.toy_metrics import concept_accuracy  # noqa: E402
+from var_erase.loaders.lora import adapters_disabled  # noqa: E402
 from var_erase.pipelines.pipeline_var import VARPipeline  # noqa: E402
 from var_erase.toy.captions import evaluation_prompts  # noqa: E402
 from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
@@ -50,7 +50,7 @@ def evaluate(pipe, oracle, concept: str, n: int, seed: int) -> dict:
     rows = evaluation_prompts(concept_names(kind), n, seed)
     kwargs = dict(num_images_per_prompt=1, seed=seed, batch_size=32, progress=False, guidance_scale=4.0,
                   temperature=0.5)
-    with _adapters_disabled(pipe.transformer):
+    with adapters_disabled(pipe.transformer):
         before = concept_accuracy(pipe, oracle, rows, [concept], **kwargs)
     after = concept_accuracy(pipe, oracle, rows, [concept], **kwargs)
     return {"target_concept": concept, "acc_e": after["acc_e"], "acc_i": after["acc_i"],

@@ -25,11 +25,12 @@ from diffusers.utils import make_image_grid
 from peft import LoraConfig
 
 from var_erase import DEFAULT_MODEL
-from var_erase.erasure.anchors import _adapters_disabled, load_or_sample_anchors
+from var_erase.erasure.anchors import load_or_sample_anchors
 from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, METHODS, ErasureConfig
 from var_erase.erasure.prompts import PromptPair, load_prompt_pairs
 from var_erase.erasure.trainer import ErasureTrainer, latest_checkpoint
 from var_erase.hub import AdapterMetadata, push_adapter_to_hub, render_model_card, save_model_card
+from var_erase.loaders.lora import adapters_disabled
 from var_erase.pipelines.pipeline_var import VARPipeline
 
 
@@ -120,7 +121,7 @@ def validation_grid(pipe, prompts: list[str], n: int, seed: int, config: Erasure
     rows = []
     for i, prompt in enumerate(prompts):
         gens = lambda i=i: [torch.Generator().manual_seed(seed * 1000 + i * n + j) for j in range(n)]  # noqa: E731
-        with _adapters_disabled(pipe.transformer):
+        with adapters_disabled(pipe.transformer):
             before = pipe(prompt, generator=gens(), **kwargs).images
         rows += before + pipe(prompt, generator=gens(), **kwargs).images
     pipe.transformer.train(was_training)

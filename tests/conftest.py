@@ -36,6 +36,7 @@ os.environ.update(
 )
 
 import pytest
+import torch
 
 _REPO_COUNTER = itertools.count(1)
 
@@ -70,3 +71,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     reason = "needs a CUDA device (torch.cuda.is_available() is False); run on a GPU machine to include it"
     for item in gpu_items:
         item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models and batches: one thread is faster, and does not stall on a busy machine (use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

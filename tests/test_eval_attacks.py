@@ -21,14 +21,7 @@ from var_erase.toy.concepts import get_concept
 from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 from var_erase.toy.render import render_batch, sample_scene
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models and batches are small: one thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LeakyEraser:

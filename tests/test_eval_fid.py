@@ -15,14 +15,7 @@ from var_erase.evaluation.fid import (
 )
 from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models and batches are small: one thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _features(n=300, d=16, seed=0, scale=1.0):

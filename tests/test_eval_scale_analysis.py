@@ -14,13 +14,7 @@ from ._tiny import LORA_TARGETS, tiny_pipeline
 PROMPTS = ["a red circle", "a red striped star"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models and batches are small: one thread is faster, and does not stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

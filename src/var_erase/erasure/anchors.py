@@ -27,6 +27,7 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
+from ..loaders.lora import adapters_disabled
 from ..schedules import ScaleSchedule
 from ..utils import atomic_write_bytes
 
@@ -101,7 +102,7 @@ def sample_anchors(
                     anchors_per_prompt=anchors_per_prompt, height=height, width=width)
     parts = {"bits": [], "inputs": [], "logits": [], "cond_logits": []}
     schedule = None
-    with _adapters_disabled(pipe.transformer):
+    with adapters_disabled(pipe.transformer):
         for start in tqdm(range(0, len(rows), batch_size), desc="auxiliary visual tokens", disable=not progress):
             batch = rows[start: start + batch_size]
             generators = [torch.Generator().manual_seed(s) for _, s in batch]
@@ -132,21 +133,3 @@ def load_or_sample_anchors(pipe, prompts: list[str], cache_dir: str | None, mode
     if path is not None:
         anchors.save(path)
     return anchors
-
-
-class _adapters_disabled:
-    """Context manager: run a PEFT-adapted model as its base model, then restore the adapters."""
-
-    def __init__(self, model):
-        self.model = model
-        self.active = bool(getattr(model, "_hf_peft_config_loaded", False))
-
-    def __enter__(self):
-        if self.active:
-            self.model.disable_adapters()
-        return self.model
-
-    def __exit__(self, *exc):
-        if self.active:
-            self.model.enable_adapters()
-        return False

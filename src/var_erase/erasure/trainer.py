@@ -30,8 +30,9 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from ..loaders.lora import adapters_disabled
 from . import losses as L
-from .anchors import AnchorSet, _adapters_disabled
+from .anchors import AnchorSet
 from .config import ErasureConfig
 from .prompts import PromptPair
 
@@ -169,7 +170,7 @@ class ErasureTrainer:
 
     @torch.no_grad()
     def _frozen_logits(self, inputs, states, mask) -> torch.Tensor:
-        with _adapters_disabled(self.transformer):
+        with adapters_disabled(self.transformer):
             return self.transformer(inputs, states, mask, schedule=self.schedule, cond_drop_prob=0.0).sample.float()
 
     def erase_loss(self, pairs: list[PromptPair], anchor: dict) -> tuple[torch.Tensor, dict]:

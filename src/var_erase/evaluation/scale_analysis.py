@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from tqdm.auto import tqdm
 
+from ..loaders.lora import adapter_layers, adapters_disabled
 from ..pipelines.sampling import bit_probabilities
 from ..schedules import ScaleSchedule
 from ..toy.concepts import get_concept
@@ -247,40 +247,16 @@ def _models(pipe, base_pipe, prefix_model: str):
     return (base, erased) if prefix_model == "base" else (erased, base)
 
 
-def _adapter_layers(transformer) -> list[BaseTunerLayer]:
-    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-
-
 def _has_active_adapter(transformer) -> bool:
-    return any(not layer.disable_adapters for layer in _adapter_layers(transformer))
+    return any(not layer.disable_adapters for layer in adapter_layers(transformer))
 
 
 def _check_not_fused(transformer) -> None:
-    if any(layer.merged for layer in _adapter_layers(transformer)):
+    if any(layer.merged for layer in adapter_layers(transformer)):
         raise ValueError(
             "the pipeline's adapter is fused into the weights, so it cannot be switched off to give the base model; "
             "call pipe.unfuse_lora() first, or pass the base model as base_pipe"
         )
-
-
-@contextmanager
-def adapters_disabled(transformer):
-    """Context manager: run a PEFT-adapted model as its base model.
-
-    Switches off every enabled adapter layer, and back on afterwards; layers that were off stay off, and the
-    ``requires_grad`` flags PEFT's toggle changes are restored. A no-op for a model without adapters.
-    """
-    enabled = [layer for layer in _adapter_layers(transformer) if not layer.disable_adapters]
-    requires_grad = {param: param.requires_grad for param in transformer.parameters()}
-    for layer in enabled:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in enabled:
-            layer.enable_adapters(True)
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
 
 
 def _check_args(concept, prompts, num_images_per_prompt, prefix_model, call_kwargs) -> str:

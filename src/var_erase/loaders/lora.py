@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import safetensors
 import safetensors.torch
@@ -27,6 +28,7 @@ from diffusers.loaders.lora_base import (
     _pack_dict_with_prefix,
 )
 from huggingface_hub.utils import validate_hf_hub_args
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..utils import atomic_write_bytes
 
@@ -181,3 +183,28 @@ class VARLoraLoaderMixin(LoraBaseMixin):
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
         """Restore the weights from before ``fuse_lora``."""
         super().unfuse_lora(components=components or ["transformer"], **kwargs)
+
+
+def adapter_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
+    """The PEFT adapter layers (LoRA-wrapped modules) of ``model``."""
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(transformer):
+    """Context manager: run a PEFT-adapted model as its base model.
+
+    Switches off every enabled adapter layer, and back on afterwards; layers that were off stay off, and the
+    ``requires_grad`` flags PEFT's toggle changes are restored. A no-op for a model without adapters.
+    """
+    enabled = [layer for layer in adapter_layers(transformer) if not layer.disable_adapters]
+    requires_grad = {param: param.requires_grad for param in transformer.parameters()}
+    for layer in enabled:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in enabled:
+            layer.enable_adapters(True)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
