@@ -234,8 +234,9 @@ class ErasureTrainer:
     def training_step(self, step: int) -> dict:
         """One iteration (both steps of the alternating update, or one joint step)."""
         micro_batches = []
-        for micro in range(self.accumulation):
-            pair_ids, rows = self.batch_indices(step * self.accumulation + micro)
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for micro in range(self.accumulation):  # each process takes its own batches: global batch = B x P x accum
+            pair_ids, rows = self.batch_indices((step * self.accumulation + micro) * processes + rank)
             micro_batches.append(([self.pairs[i] for i in pair_ids], self._anchor_batch(rows)))
         logs: dict = {}
 
