@@ -115,6 +115,16 @@ class CosineByProgress:
             group["lr"] = base * factor
 
 
+def optimizer_step(accelerator, model, optimizer, lr_scheduler: CosineByProgress, loss, step: int,
+                   max_grad_norm: float) -> None:
+    """Backward, clip, learning rate of this step, update."""
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr_scheduler.step(step)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 1. VAE
 def train_vae(args, accelerator: Accelerator) -> dict:
@@ -131,11 +141,7 @@ def train_vae(args, accelerator: Accelerator) -> dict:
         with accelerator.autocast():
             recon, _ = vae(images, schedule)
         loss = F.l1_loss(recon.float(), images) + F.mse_loss(recon.float(), images)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
-        lr_scheduler.step(step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, vae, optimizer, lr_scheduler, loss, step, max_grad_norm=1.0)
         progress.update()
         if step % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
@@ -249,11 +255,7 @@ def train_transformer(args, accelerator: Accelerator) -> dict:
         with accelerator.autocast():
             logits = transformer(inputs, states.float(), mask, schedule=schedule).sample
         loss = bitwise_cross_entropy(logits.float(), torch.cat(labels, 1), token_weight_L=weights_L)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(transformer.parameters(), 2.0)
-        lr_scheduler.step(step)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, transformer, optimizer, lr_scheduler, loss, step, max_grad_norm=2.0)
         progress.update()
         if step % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")
