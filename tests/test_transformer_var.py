@@ -54,9 +54,10 @@ def sample_with_cache(model, inputs_BLd, condition, schedule=SMALL, kv_cache=Non
 # teacher forcing == scale-by-scale sampling with the KV cache
 
 
+@pytest.mark.parametrize("pos_embed_grid", [None, 12])
 @torch.no_grad()
-def test_cached_scale_by_scale_logits_equal_teacher_forcing():
-    model = tiny_model()
+def test_cached_scale_by_scale_logits_equal_teacher_forcing(pos_embed_grid):
+    model = tiny_model(pos_embed_grid=pos_embed_grid)
     states, mask = text()
     inputs = token_inputs(schedule=SCHEDULE)
     teacher = model(inputs, states, mask, schedule=SCHEDULE).sample
@@ -66,6 +67,29 @@ def test_cached_scale_by_scale_logits_equal_teacher_forcing():
     cached = sample_with_cache(model, inputs, condition, SCHEDULE, kv_cache=cache)
     assert (cached - teacher).abs().max() <= 1e-4
     assert cache.max_tokens == SCHEDULE.total_tokens  # buffers sized once for the schedule, no concatenation
+
+
+@torch.no_grad()
+def test_absolute_positions_start_at_zero_then_tell_positions_apart():
+    plain = tiny_model()
+    with_pos = VARTransformer2DModel(**TINY, pos_embed_grid=8).eval()
+    missing, unexpected = with_pos.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["pos_embed"] and not unexpected
+    states, mask = text()
+    inputs = token_inputs()
+    base = plain(inputs, states, mask, schedule=SMALL).sample
+    assert torch.equal(with_pos(inputs, states, mask, schedule=SMALL).sample, base)  # zero-initialised: no change
+    with_pos.pos_embed.normal_()
+    inputs_same = inputs[:, :1].expand_as(inputs).contiguous()  # every token alike: only positions differ
+    last = SMALL.scale_slice(SMALL.num_scales - 1)
+    pos_logits = with_pos(inputs_same, states, mask, schedule=SMALL).sample[:, last]
+    plain_logits = plain(inputs_same, states, mask, schedule=SMALL).sample[:, last]
+    assert pos_logits.std(1).mean() > plain_logits.std(1).mean() * 1.5
+
+
+def test_pos_embed_grid_is_validated():
+    with pytest.raises(ValueError, match="pos_embed_grid"):
+        VARTransformer2DModel(**TINY, pos_embed_grid=0)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from var_erase import DEFAULT_MODEL
 from var_erase.evaluation.toy_metrics import (
+    adherence_by_value,
     adherence_from_reading,
     fully_specified_prompts,
     generate_images,
@@ -53,7 +54,9 @@ def main(argv=None) -> dict:
 
     rows = fully_specified_prompts(args.n_prompts, args.seed, args.split)
     images = generate_images(pipe, [p for p, _ in rows], 1, args.seed, args.batch_size, **sampling)
-    adherence = adherence_from_reading(oracle.predict(images), [t for _, t in rows])
+    reading = oracle.predict(images)
+    adherence = adherence_from_reading(reading, [t for _, t in rows])
+    per_value = adherence_by_value(reading, [t for _, t in rows])
 
     diversity = []
     for prompt, _ in rows[: args.diversity_prompts]:
@@ -62,6 +65,7 @@ def main(argv=None) -> dict:
         diversity.append(seed_diversity(same_prompt))
     metrics = {
         "adherence": adherence,
+        "adherence_by_value": per_value,
         "diversity": {k: sum(d[k] for d in diversity) / len(diversity) for k in diversity[0]},
         "n_images": len(images),
         "settings": vars(args),

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, BertTokenizer
@@ -47,7 +48,8 @@ from var_erase.toy.data import ToyDataset
 # the shipped toy model's architecture (64x64 images, stride-4 VAE -> 16x16 latent, Infinity's 0.06M 1:1 schedule)
 TOY_VAE = dict(block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16, codebook_dim=16)
 TOY_TRANSFORMER = dict(num_layers=6, hidden_size=192, num_attention_heads=3, mlp_ratio=4.0, codebook_dim=16,
-                       text_dim=384, max_text_len=48, sample_size=64, cond_drop_rate=0.1)
+                       text_dim=384, max_text_len=48, sample_size=64, cond_drop_rate=0.1,
+                       pos_embed_grid=16)  # absolute positions: the fill patterns are anchored to the image grid
 RESOLUTION = 64
 
 
@@ -73,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae_config", type=json.loads, default=None, help="JSON overriding the VAE architecture")
     p.add_argument("--transformer_config", type=json.loads, default=None, help="JSON overriding the transformer")
     p.add_argument("--init_transformer", default=None, help="continue training from this transformer folder")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (inductor): fuses the small kernels that bound a toy-size step")
     return p.parse_args(argv)
 
 
@@ -224,11 +228,30 @@ def load_text(args):
 # 2. transformer
 
 
+def continued_transformer(path: str, config_overrides: dict) -> VARTransformer2DModel:
+    """The transformer saved at ``path`` (float32), with ``config_overrides`` applied; parameters the saved model
+    lacks (e.g. a ``pos_embed_grid`` added later) keep their initialisation, every other one must load."""
+    config = dict(VARTransformer2DModel.load_config(path)) | config_overrides
+    transformer = VARTransformer2DModel.from_config(config).float()
+    state_dict = {}
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".safetensors"):
+            state_dict |= load_file(os.path.join(path, file))
+    missing, unexpected = transformer.load_state_dict(state_dict, strict=False)
+    new = set(transformer.state_dict()) - set(state_dict)
+    if unexpected or set(missing) != new:
+        raise ValueError(f"{path} does not match the configured transformer: missing {missing}, unexpected "
+                         f"{unexpected}; only parameters added by --transformer_config may be missing")
+    if missing:
+        print(f"continuing from {path}; newly initialised: {sorted(missing)}")
+    return transformer
+
+
 def train_transformer(args, accelerator: Accelerator) -> dict:
     vae = BSQAutoencoder.from_pretrained(os.path.join(args.output_dir, "vae")).eval().requires_grad_(False)
     tokenizer, text_encoder = load_text(args)
     if args.init_transformer:
-        transformer = VARTransformer2DModel.from_pretrained(args.init_transformer, dtype=torch.float32)
+        transformer = continued_transformer(args.init_transformer, args.transformer_config or {})
     else:
         transformer = VARTransformer2DModel(**(TOY_TRANSFORMER | (args.transformer_config or {})))
     # the pipeline object gives the exact text encoding the sampler will use
@@ -291,7 +314,7 @@ def assemble(args) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.compile else None)
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     metrics = {}

@@ -68,6 +68,19 @@ def adherence_from_reading(reading, targets: Sequence[dict]) -> dict[str, float]
     return {**{kind: float(np.mean(v)) for kind, v in hits.items()}, "all": float(np.mean(all_hits))}
 
 
+def adherence_by_value(reading, targets: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per concept kind and prompted value: ``{"share": seen / prompted, "n": prompted}``, e.g.
+    ``{"style": {"dotted": {"share": 0.12, "n": 50}, ...}, ...}``: which values a model draws and which it misses."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for kind in targets[0]:
+        seen_by_value: dict[str, list[bool]] = {}
+        for target, seen in zip(targets, reading.values(kind)):
+            seen_by_value.setdefault(target[kind], []).append(target[kind] in seen)
+        table[kind] = {value: {"share": float(np.mean(hits)), "n": len(hits)}
+                       for value, hits in sorted(seen_by_value.items())}
+    return table
+
+
 def prompt_adherence(pipe, oracle, rows: Sequence[tuple[str, dict]], num_images_per_prompt: int = 1, seed: int = 0,
                      batch_size: int = 32, **call_kwargs) -> dict:
     """Generate for ``(prompt, targets)`` rows and read the images with the oracle.

@@ -216,13 +216,18 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope_theta: 2D RoPE base.
         cond_drop_rate: probability of replacing a sample's text by the unconditional embedding in training (0.1).
         sample_size: default image size in pixels (used by the pipeline).
+        pos_embed_grid: None (Infinity: position only from 2D RoPE, relative) or n: a learned absolute 2D position
+            embedding on an ``(n, n)`` grid, resized to each scale's grid and added with the scale embedding (the
+            role of VAR's ``pos_1LC``, but for any schedule). Zero-initialised, so adding it to a trained model
+            changes nothing until it is trained. Not part of Infinity; the toy model uses it because its fill
+            patterns are anchored to the image grid, which relative positions alone cannot place.
     """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["VARTransformerBlock"]
     _keep_in_fp32_modules = [
         "text_norm", "text_pooler", "context_embedder", "uncond_text_embeds", "sos_embed", "scale_embed",
-        "token_embed", "adaln_single", "norm_out", "proj_out",
+        "pos_embed", "token_embed", "adaln_single", "norm_out", "proj_out",
     ]
     _skip_layerwise_casting_patterns = ["norm", "embed", "text_pooler", "adaln_single", "proj_out"]
 
@@ -243,6 +248,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         rope_theta: float = 10000.0,
         cond_drop_rate: float = 0.1,
         sample_size: int = 1024,
+        pos_embed_grid: int | None = None,
     ) -> None:
         super().__init__()
         _check_config(num_layers, hidden_size, num_attention_heads, mlp_ratio, codebook_dim, text_dim, max_text_len,
@@ -261,6 +267,11 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.sos_embed = nn.Parameter(torch.zeros(1, 1, dim))
         self.scale_embed = nn.Embedding(num_scale_embeddings, dim)
         self.token_embed = nn.Linear(codebook_dim, dim)
+        if pos_embed_grid is not None and pos_embed_grid < 1:
+            raise ValueError(f"pos_embed_grid must be None (RoPE only, as Infinity) or a grid size >= 1, "
+                             f"got {pos_embed_grid}")
+        # (1, C, n, n) learned absolute positions, or None (Infinity)
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim, pos_embed_grid, pos_embed_grid)) if pos_embed_grid else None
 
         # 3. shared AdaLN: one SiLU -> Linear(D, 6C) for all blocks
         self.adaln_single = SharedAdaLN(dim, dim)
@@ -373,7 +384,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"encoder_attention_mask must be (batch, tokens) = {tuple(states_BTC.shape[:2])}, "
                              f"got {tuple(mask_BT.shape)}")
         mask_BT = mask_BT.to(device=states_BTC.device, dtype=torch.bool)
-        if not bool(mask_BT.any(dim=1).all()):
+        # a data-dependent check (a host sync): skipped inside torch.compile, where it would break the graph
+        if not torch.compiler.is_compiling() and not bool(mask_BT.any(dim=1).all()):
             raise ValueError("every prompt needs at least one unmasked text token (T5 always keeps its </s> token); "
                              "check encoder_attention_mask")
         return states_BTC, mask_BT
@@ -432,7 +444,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         # 1. input sequence: SOS, then the projected next-scale inputs, plus the scale embedding
         sos_B1C = condition.cond_BD[:, None] + self.sos_embed.float()
         x_BLC = torch.cat([sos_B1C, self._embed_tokens(token_inputs_BLd)], dim=1)
-        x_BLC = x_BLC + self.scale_embed(schedule.scale_ids(x_BLC.device)).float()
+        x_BLC = x_BLC + self.scale_embed(self._scale_ids(schedule, x_BLC.device)).float()
+        if self.pos_embed is not None:
+            x_BLC = x_BLC + torch.cat([self._abs_positions(grid) for grid in schedule.grids])
 
         # 2. blocks under the block-causal mask over scales (computed scale by scale, see block_causal_attention)
         rope_cos_LP, rope_sin_LP = self._rope_tables(schedule, x_BLC.device)
@@ -494,6 +508,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self._check_token_inputs(token_inputs_Bld, condition.batch_size, h * w, f"scale {scale_index} ({h}x{w})")
             x_BlC = self._embed_tokens(token_inputs_Bld)
         x_BlC = x_BlC + self.scale_embed.weight[scale_index].float()
+        if self.pos_embed is not None:
+            x_BlC = x_BlC + self._abs_positions(schedule.grids[scale_index])
 
         rows = schedule.scale_slice(scale_index)  # this scale's RoPE positions start at its token offset
         rope_cos_LP, rope_sin_LP = self._rope_tables(schedule, x_BlC.device)
@@ -505,6 +521,17 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     # -----------------------------------------------------------------------------------------------------------------
     # pieces shared by both paths
+
+    def _abs_positions(self, grid: tuple[int, ...]) -> torch.Tensor:
+        """(h*w, C) float32 absolute positions of one scale: the learned grid resized to ``(h, w)`` (area when
+        shrinking, so a coarse token gets the mean of the positions it covers; bilinear when growing)."""
+        h, w = grid[-2:]
+        table_1Cnn = self.pos_embed.float()
+        n = table_1Cnn.shape[-1]
+        mode = "area" if h <= n and w <= n else "bilinear"
+        pos_1Chw = F.interpolate(table_1Cnn, size=(h, w), mode=mode, **({} if mode == "area" else
+                                                                           {"align_corners": False}))
+        return pos_1Chw.flatten(2)[0].T
 
     def _embed_tokens(self, token_inputs_BLd: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=token_inputs_BLd.device.type, enabled=False):
@@ -525,6 +552,13 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if key not in self._schedule_tables:
             self._cache_table(key, lambda: rope_2d_frequencies(schedule.rope_positions(device), self.head_dim,
                                                                self.config.rope_theta))
+        return self._schedule_tables[key]
+
+    def _scale_ids(self, schedule: ScaleSchedule, device: torch.device) -> torch.Tensor:
+        """(L,) scale index per token, kept per schedule and device (building it costs a host-device sync)."""
+        key = ("scale_ids", schedule, str(device))
+        if key not in self._schedule_tables:
+            self._cache_table(key, lambda: schedule.scale_ids(device))
         return self._schedule_tables[key]
 
     def _cache_table(self, key: tuple, make) -> None:
