@@ -1,0 +1,281 @@
+"""Shared pieces of the benchmarks: model configs, random-weight pipelines, timers, memory and environment reports.
+
+Nothing here downloads anything: the models get random weights and the text encoder is a stand-in (see
+:func:`build_pipeline`). Run the benchmarks from the repository root with ``PYTHONPATH=src`` (or an installed
+``var-erase``); when neither is set up, ``src/`` next to this folder is put on ``sys.path``.
+"""
+
+# ruff: noqa: E402 - var_erase is imported after the src/ fallback below puts it on the path
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if importlib.util.find_spec("var_erase") is None and _SRC.is_dir():
+    sys.path.insert(0, str(_SRC))
+
+import torch
+
+from var_erase.conversion.infinity import INFINITY_TRANSFORMER_CONFIGS, INFINITY_VAE_CONFIGS
+from var_erase.models.autoencoder_bsq import BSQAutoencoder
+from var_erase.models.transformer_var import VARTransformer2DModel
+from var_erase.pipelines.pipeline_var import VARPipeline
+
+GIB = 1024**3
+
+CONFIGS: dict[str, dict] = {
+    # Infinity-2B: 32 blocks, width 2048, 16 heads, 32-bit tokens, Flan-T5-XL text (2048), d32 BSQ VAE, 1024x1024
+    "infinity-2b": {
+        "transformer": dict(INFINITY_TRANSFORMER_CONFIGS["infinity-2b"]),
+        "vae": dict(INFINITY_VAE_CONFIGS["infinity-2b"]),
+        "height": 1024,
+        "width": 1024,
+    },
+    # CPU smoke size (as tests/_tiny.py): 2 blocks of width 64, 8-bit tokens, stride-4 VAE, 64x64 (7 scales, 521 tokens)
+    "tiny": {
+        "transformer": dict(num_layers=2, hidden_size=64, num_attention_heads=4, codebook_dim=8, text_dim=32,
+                            max_text_len=64, sample_size=64),
+        "vae": dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, codebook_dim=8),
+        "height": 64,
+        "width": 64,
+    },
+}
+"""Benchmark configurations: ``VARTransformer2DModel`` and ``BSQAutoencoder`` keyword arguments and the image size."""
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# models
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``cuda`` when available (or asked for), else ``cpu``."""
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    return device
+
+
+def stub_text_encoder(text_dim: int):
+    """A random one-layer T5 encoder of width ``text_dim`` (Flan-T5-XL: 2048) with ByT5's byte vocabulary.
+
+    It stands in for Flan-T5-XL where the pipeline needs a text encoder (anchor sampling, the trainer's prompt
+    encoding): its features have the real shape ``(B, T, text_dim)`` with one token per UTF-8 byte plus ``</s>``, at a
+    negligible cost. The real encoder (1.22 B parameters) costs about 0.03-0.04 s per prompt on an H200
+    (research/svare_reference_perf.md) and is not part of the timed work, as the trainer encodes each prompt once.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=384, d_model=text_dim, d_kv=8, d_ff=8, num_layers=1, num_heads=1, dropout_rate=0.0)
+    return T5EncoderModel(config).eval()
+
+
+def build_pipeline(config_name: str, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
+                   seed: int = 0) -> VARPipeline:
+    """A ``VARPipeline`` with random weights, built directly on ``device``.
+
+    The transformer gets its own (Infinity training) init; its blocks are cast to ``dtype`` while the text modules,
+    embeddings, AdaLN projections and head stay float32, which is what ``from_pretrained(..., dtype=torch.bfloat16)``
+    gives (``_keep_in_fp32_modules``). The VAE is cast to ``vae_dtype`` as a whole.
+    """
+    from transformers import ByT5Tokenizer
+
+    spec = CONFIGS[config_name]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = VARTransformer2DModel(**spec["transformer"]).eval()
+        vae = BSQAutoencoder(**spec["vae"]).eval()
+        text_encoder = stub_text_encoder(spec["transformer"]["text_dim"])
+    transformer.transformer_blocks.to(dtype)
+    for child in vae.children():  # (vae.to(dtype) itself warns about _keep_in_fp32_modules, which it has none of)
+        child.to(vae_dtype)
+    pipe = VARPipeline(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def weights_gib(module: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) / GIB
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageTimer:
+    """Durations between consecutive :meth:`mark` calls: CUDA events on a GPU, ``perf_counter`` on the CPU.
+
+    CUDA events time the GPU's timeline between the marks; when the host is the bottleneck (kernel launches), the GPU
+    waits for work and the events still span the wall time. :meth:`stages` synchronises once at the end.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self._marks: list = []
+        self._wall: list[float] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        self._wall.append(time.perf_counter())
+
+    def stages(self) -> list[float]:
+        """Seconds between marks 0-1, 1-2, ... (synchronises)."""
+        synchronize(self.device)
+        if self.cuda:
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self._marks[:-1], self._marks[1:])]
+        return [b - a for a, b in zip(self._wall[:-1], self._wall[1:])]
+
+    def wall(self) -> float:
+        """Host seconds from the first to the last mark (valid after :meth:`stages`)."""
+        return self._wall[-1] - self._wall[0]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float | str]:
+    """Peak memory since the last :func:`reset_peak_memory`: CUDA allocated/reserved GiB on a GPU; on the CPU the
+    process's peak resident set (a whole-process, whole-run figure, only a smoke value)."""
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / GIB,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+                "peak_memory_source": "torch.cuda.max_memory_allocated"}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_gib": rss_kib / 1024**2, "peak_memory_source": "process max RSS (CPU run)"}
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median, mean, min and max of timed samples."""
+    return {"median": statistics.median(samples), "mean": statistics.fmean(samples), "min": min(samples),
+            "max": max(samples)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# set-up switches, environment, output
+
+
+def set_backend_flags(tf32: bool, cudnn_benchmark: bool) -> None:
+    """Opt-in backend switches (off by default: the library sets neither)."""
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+
+
+def raise_compile_limits() -> None:
+    """Let torch.compile keep one graph per (layer, scale shape) instead of falling back to eager after 8."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4096)
+
+
+def _version(module_name: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module_name), "__version__", "unknown")
+    except ImportError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and device of this run."""
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        **{name: _version(name) for name in ("diffusers", "transformers", "peft", "accelerate")},
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=props.total_memory / GIB,
+                   gpu_capability=f"{props.major}.{props.minor}", gpu_multiprocessors=props.multi_processor_count)
+    return env
+
+
+def schedule_info(schedule) -> dict:
+    return {"height": schedule.height, "width": schedule.width, "num_scales": schedule.num_scales,
+            "total_tokens": schedule.total_tokens, "grids": [f"{h}x{w}" for h, w in schedule.grids]}
+
+
+def target_check(measured: float | None, target: float, reference: float | str, lower_is_better: bool = True) -> dict:
+    """One performance target of design.md section 7: the measured value, the target, the reference code's value and
+    whether the target is met (None when not measured in this run)."""
+    met = None if measured is None else (measured <= target if lower_is_better else measured >= target)
+    return {"measured": measured, "target": target, "reference": reference, "met": met}
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return value
+
+
+def emit(result: dict, output_json: str | None) -> dict:
+    """Print ``result`` as one JSON object on stdout (and write it to ``output_json``); returns it."""
+    text = json.dumps(_jsonable(result), indent=2)
+    print(text, flush=True)
+    if output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(output_json)), exist_ok=True)
+        Path(output_json).write_text(text + "\n")
+    return result
+
+
+def log(message: str) -> None:
+    """Progress to stderr (stdout carries only the JSON)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state (mixed precision, device); start from, and leave, a clean one so that a
+    benchmark run inside another process (the tests) neither inherits nor leaks its settings."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

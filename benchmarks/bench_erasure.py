@@ -1,0 +1,260 @@
+"""Cost of an S-VARE erasure run at Infinity-2B size: anchor sampling per prompt, seconds per training iteration,
+peak memory, and the projected time of a whole run (50 prompt pairs, 500 iterations).
+
+What runs is the product's own code on an Infinity-2B-shaped pipeline with random weights (blocks in bf16):
+
+1. ``var_erase.erasure.anchors.sample_anchors``: the frozen model samples the auxiliary visual tokens of each safe
+   prompt at 1024x1024 (guidance 4 on logits, so a batch of 2B rows, tau 1, top-k 900, top-p 0.97), then runs the
+   teacher-forced forward that stores the conditional logits. Timed after one untimed warm-up batch; reported per
+   prompt.
+2. ``var_erase.erasure.trainer.ErasureTrainer.training_step``: one S-VARE iteration on a batch of 2 pairs, the
+   reference's alternating update: filtered cross-entropy under the unsafe prompts teacher-forced on the anchor tokens,
+   backward, clip, AdamW step; then ``0.5 * KL`` against the stored guided logits under the safe prompts, backward,
+   clip, AdamW step. Both forwards in training mode with 10% condition dropout. Trainable: a rank-4 LoRA on
+   cross-attention + FFN (the trainer's default targets), float32, or with ``--full_finetune`` the cross-attention and
+   FFN weights themselves (the reference's setting; the trainer keeps float32 master weights). bf16 autocast through
+   ``accelerate`` (``--mixed_precision``), gradient checkpointing of whole blocks (``--no_gradient_checkpointing``
+   turns it off). Iterations are timed host-side with a device synchronisation around each, after ``--warmup``
+   untimed iterations; the reported value is the median of ``--iters``.
+
+Text: the pipeline's text encoder is a random one-layer T5 of Flan-T5-XL's width (2048) over bytes (ByT5's
+tokenizer), so prompt features have the real shape with about 25 tokens per prompt; the trainer encodes every prompt
+once before training, so the real encoder would add about 0.04 s per prompt to the set-up only.
+
+Checks reported with the timings: every trainable tensor changed after the first iteration (``lora_all_changed`` for a
+LoRA), and every trainable tensor received a nonzero gradient during it (a LoRA's ``A`` matrices change through weight
+decay alone, so the gradient check is the stricter one).
+
+``projected_run_s = num_pairs * anchor_s_per_prompt + num_iterations * s_per_iteration`` (defaults 50 and 500,
+``--projected_pairs`` / ``--projected_iterations``); it leaves out loading the model and writing the adapter.
+
+Examples::
+
+    PYTHONPATH=src python benchmarks/bench_erasure.py --output_json outputs/bench/erasure_lora.json
+    PYTHONPATH=src python benchmarks/bench_erasure.py --full_finetune --output_json outputs/bench/erasure_full.json
+    PYTHONPATH=src python benchmarks/bench_erasure.py --config tiny --device cpu --warmup 1 --iters 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_common import (
+    CONFIGS,
+    DTYPES,
+    build_pipeline,
+    count_parameters,
+    emit,
+    environment,
+    fresh_accelerate_state,
+    log,
+    peak_memory,
+    reset_peak_memory,
+    resolve_device,
+    schedule_info,
+    set_backend_flags,
+    summarize,
+    synchronize,
+    target_check,
+)
+
+from var_erase.erasure.anchors import AnchorSet, sample_anchors
+from var_erase.erasure.config import FULL_FINETUNE_MODULES, ErasureConfig
+from var_erase.erasure.prompts import PromptPair
+from var_erase.erasure.trainer import ErasureTrainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="infinity-2b")
+    p.add_argument("--batch_size", type=int, default=2, help="prompt pairs per iteration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations (the first is the change check)")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations")
+    p.add_argument("--full_finetune", action="store_true",
+                   help=f"fully fine-tune {list(FULL_FINETUNE_MODULES)} instead of training a LoRA")
+    p.add_argument("--lora_rank", type=int, default=4)
+    p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
+    p.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep every block's activations instead of recomputing them in the backward")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="frozen transformer blocks")
+    p.add_argument("--anchor_prompts", type=int, default=8, help="safe prompts whose anchors are timed")
+    p.add_argument("--anchor_batch_size", type=int, default=8, help="sample_anchors' batch (its default is 8)")
+    p.add_argument("--projected_pairs", type=int, default=50)
+    p.add_argument("--projected_iterations", type=int, default=500)
+    p.add_argument("--compile", action="store_true", help="accelerate's dynamo_backend='inductor' on the trained model")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off in the library)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_json", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.iters < 1:
+        p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")
+    if args.anchor_prompts < args.batch_size:
+        p.error(f"--anchor_prompts ({args.anchor_prompts}) must be at least --batch_size ({args.batch_size}): the "
+                "pairs of a batch are distinct")
+    return args
+
+
+def make_pairs(n: int) -> list[PromptPair]:
+    """``n`` unsafe -> safe pairs of about 25 bytes each (Flan-T5 prompts of the reference are 17-29 tokens)."""
+    return [PromptPair(f"a van gogh painting, no. {i}", f"an oil painting, no. {i}", "van gogh") for i in range(n)]
+
+
+def erasure_config(args) -> ErasureConfig:
+    return ErasureConfig(method="svare", update=args.update, train_batch_size=args.batch_size,
+                         lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
+                         train_modules=list(FULL_FINETUNE_MODULES) if args.full_finetune else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# phases
+
+
+def time_anchors(pipe, prompts: list[str], config: ErasureConfig, args, device: torch.device) -> tuple[AnchorSet, dict]:
+    """Warm up on one batch, then sample the anchors of every prompt through ``sample_anchors``; seconds per prompt."""
+    spec = CONFIGS[args.config]
+    kwargs = dict(guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature,
+                  top_k=config.anchor_top_k, top_p=config.anchor_top_p, seed=config.anchor_seed,
+                  height=spec["height"], width=spec["width"], batch_size=args.anchor_batch_size, progress=False)
+    sample_anchors(pipe, prompts[: args.anchor_batch_size], **kwargs)
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    anchors = sample_anchors(pipe, prompts, **kwargs)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    memory = peak_memory(device)
+    return anchors, {"anchor_s_per_prompt": elapsed / len(prompts), "anchor_s_total": elapsed,
+                     "anchor_prompts": len(prompts), "anchor_peak_memory_gib": memory["peak_memory_gib"]}
+
+
+def trainable(trainer: ErasureTrainer) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in trainer.transformer.named_parameters() if p.requires_grad}
+
+
+def checked_first_step(trainer: ErasureTrainer) -> tuple[dict, float]:
+    """Run iteration 0 and check it: every trainable tensor changed, every one received a nonzero gradient."""
+    params = trainable(trainer)
+    before = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+    received = {n: torch.zeros((), dtype=torch.bool, device=p.device) for n, p in params.items()}
+
+    def hook(name: str):
+        def record(param: torch.Tensor) -> None:
+            received[name] |= param.grad.ne(0).any()
+        return record
+
+    handles = [p.register_post_accumulate_grad_hook(hook(n)) for n, p in params.items()]
+    synchronize(trainer.accelerator.device)
+    start = time.perf_counter()
+    logs = trainer.training_step(0)
+    synchronize(trainer.accelerator.device)
+    elapsed = time.perf_counter() - start
+    for handle in handles:
+        handle.remove()
+    unchanged = [n for n, p in params.items() if torch.equal(before[n], p.detach().cpu())]
+    checks = {"trainable_all_changed": not unchanged, "unchanged_tensors": unchanged[:10],
+              "trainable_all_received_grad": all(bool(v) for v in received.values()), "first_step_logs": logs}
+    return checks, elapsed
+
+
+def time_iterations(trainer: ErasureTrainer, first_step: int, count: int) -> list[float]:
+    """Seconds of ``count`` iterations starting at ``first_step``, each between device synchronisations."""
+    device, times = trainer.accelerator.device, []
+    for step in range(first_step, first_step + count):
+        synchronize(device)
+        start = time.perf_counter()
+        trainer.training_step(step)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet, accelerator,
+                  args) -> dict:
+    """Build the trainer, run the checked first iteration, the other warm-ups and the timed iterations."""
+    device = accelerator.device
+    start = time.perf_counter()
+    trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
+                             gradient_checkpointing=args.gradient_checkpointing)
+    setup_s = time.perf_counter() - start
+    reset_peak_memory(device)
+    log(f"training: 1 checked + {args.warmup - 1} warm-up + {args.iters} timed iterations")
+    checks, first_s = checked_first_step(trainer)
+    time_iterations(trainer, 1, args.warmup - 1)
+    times = time_iterations(trainer, args.warmup, args.iters)
+    lora = config.finetune_mode == "lora"
+    return {
+        "s_per_iteration": summarize(times)["median"],
+        **peak_memory(device),
+        "trainable_parameters": count_parameters(trainer.transformer, trainable_only=True),
+        "total_parameters": count_parameters(trainer.transformer),
+        "lora_all_changed": checks["trainable_all_changed"] if lora else None,
+        **checks,
+        "first_iteration_s": first_s,
+        "trainer_setup_s": setup_s,
+        "iteration_s": summarize(times),
+        "iteration_times_s": times,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def erasure_targets(report: dict) -> dict:
+    """design.md section 7 at Infinity-2B size, batch 2, LoRA: an iteration <= 1.4 s at <= 20 GiB, a whole run
+    <= 13 min. Reference code (full fine-tune of cross-attention + FFN, full-block checkpointing): 4.24 s, 19.03 GiB,
+    about 38-40 min, 1.18 s per anchor image."""
+    return {"s_per_iteration": target_check(report["s_per_iteration"], 1.4, 4.24),
+            "peak_memory_gib": target_check(report["peak_memory_gib"], 20.0, 19.03),
+            "projected_run_min": target_check(report["projected_run_min"], 13.0, "38-40"),
+            "anchor_s_per_prompt": {"measured": report["anchor_s_per_prompt"], "reference": 1.18}}
+
+
+def run(args, device: torch.device) -> dict:
+    """Anchors, then training, on a fresh random-weight pipeline; the report without settings and environment."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu",
+                              dynamo_backend="inductor" if args.compile else None)
+    log(f"building {args.config} with random weights on {accelerator.device}")
+    pipe = build_pipeline(args.config, accelerator.device, DTYPES[args.dtype], DTYPES[args.dtype], args.seed)
+    config = erasure_config(args)
+    pairs = make_pairs(args.anchor_prompts)
+    log(f"anchors: {len(pairs)} safe prompts, batch {args.anchor_batch_size} (after one warm-up batch)")
+    anchors, anchor_report = time_anchors(pipe, [p.safe for p in pairs], config, args, device)
+    train_report = time_training(pipe, config, pairs, anchors, accelerator, args)
+    projected = (args.projected_pairs * anchor_report["anchor_s_per_prompt"]
+                 + args.projected_iterations * train_report["s_per_iteration"])
+    return {
+        **train_report,
+        **anchor_report,
+        "projected_run_s": projected,
+        "projected_run_min": projected / 60,
+        "finetune_mode": config.finetune_mode,
+        "erasure_config": config.to_dict(),
+        "schedule": schedule_info(anchors.schedule),
+        "transformer_config": dict(pipe.transformer.config),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    set_backend_flags(args.tf32, cudnn_benchmark=False)
+    with fresh_accelerate_state():
+        report = run(args, device)
+    result = {"benchmark": "erasure", "config": args.config, **report,
+              "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
+              "environment": environment(device)}
+    if args.config == "infinity-2b" and device.type == "cuda":
+        result["targets"] = erasure_targets(report)
+    return emit(result, args.output_json)
+
+
+if __name__ == "__main__":
+    main()

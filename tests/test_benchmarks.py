@@ -1,0 +1,103 @@
+"""The benchmark scripts (benchmarks/) run end to end at the tiny config on the CPU and report sane numbers.
+
+These are smoke runs, not timings: the real measurements are made on a GPU (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = ["--config", "tiny", "--device", "cpu", "--warmup", "1"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """Import a benchmark script by name (they import their shared ``bench_common`` as a sibling module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCH_DIR))
+        yield importlib.import_module
+
+
+def _assert_positive(report: dict, keys: list[str]) -> None:
+    for key in keys:
+        value = report[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+        assert math.isfinite(value) and value > 0, (key, value)
+
+
+def test_sampling_benchmark_reports_every_batch_size(bench, tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    report = bench("bench_sampling").main(TINY + ["--batch_sizes", "1", "2", "--iters", "2", "--output_json", str(out)])
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())  # stdout holds only the JSON
+    assert report["schedule"]["total_tokens"] == 521 and [r["batch_size"] for r in report["results"]] == [1, 2]
+    for result in report["results"]:
+        assert result["rows"] == 2 * result["batch_size"]  # guidance: conditional + unconditional in one batch
+        _assert_positive(result, ["transformer_s_per_image", "vae_decode_s_per_image", "total_s_per_image",
+                                  "tokens_per_s", "achieved_tflops", "mfu", "peak_memory_gib",
+                                  "model_tflop_per_image"])
+        assert result["total_s_per_image"] == pytest.approx(
+            result["transformer_s_per_image"] + result["vae_decode_s_per_image"])
+    _assert_positive(report["parameters"], ["transformer", "vae"])
+    assert report["environment"]["torch"] and "targets" not in report  # targets only at Infinity-2B size
+
+
+def test_flop_count_matches_the_architecture_and_infinity_2b(bench):
+    """The per-token linear term is 2 x the block's matmul weights that act on image tokens; at Infinity-2B, 1024x1024
+    with guidance, one image is about 115 TFLOP (79 in linear layers, 36 in self-attention)."""
+    common, sampling = bench("bench_common"), bench("bench_sampling")
+    pipe = common.build_pipeline("tiny", common.resolve_device("cpu"), *[common.DTYPES["fp32"]] * 2)
+    block = pipe.transformer.transformer_blocks[0]
+    image_side = [block.attn1.to_q, block.attn1.to_k, block.attn1.to_v, block.attn1.to_out, block.attn2.to_q,
+                  block.attn2.to_out, block.ff.net[0].proj, block.ff.net[2]]
+    per_token = sum(m.weight.numel() for m in image_side)
+    config, schedule = dict(pipe.transformer.config), pipe.prepare_schedule(64, 64)
+    flops = sampling.sampling_flops(config, schedule, rows=1, text_len=8)
+    assert flops["linear"] == 2 * per_token * config["num_layers"] * schedule.total_tokens
+
+    big = sampling.ScaleSchedule.for_image_size(1024, 1024)
+    flops = sampling.sampling_flops(common.CONFIGS["infinity-2b"]["transformer"], big, rows=2, text_len=24)
+    assert big.total_tokens == 10521
+    assert flops["linear"] / 1e12 == pytest.approx(79.08, abs=0.01)
+    assert flops["self_attn"] / 1e12 == pytest.approx(35.91, abs=0.01)
+    assert flops["total"] / 1e12 == pytest.approx(115.15, abs=0.01)
+
+
+@pytest.mark.parametrize("full_finetune", [False, True], ids=["lora", "full"])
+def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_finetune):
+    from accelerate.state import AcceleratorState
+
+    args = TINY + ["--iters", "1", "--anchor_prompts", "2", "--anchor_batch_size", "2"]
+    report = bench("bench_erasure").main(args + (["--full_finetune"] if full_finetune else []))
+    assert json.loads(capsys.readouterr().out)["s_per_iteration"] == report["s_per_iteration"]
+    _assert_positive(report, ["s_per_iteration", "peak_memory_gib", "anchor_s_per_prompt", "projected_run_s",
+                              "projected_run_min", "trainable_parameters", "first_iteration_s"])
+    assert report["projected_run_s"] == pytest.approx(50 * report["anchor_s_per_prompt"]
+                                                      + 500 * report["s_per_iteration"])
+    assert report["trainable_all_changed"] and report["trainable_all_received_grad"]
+    assert report["lora_all_changed"] is (None if full_finetune else True)
+    assert report["finetune_mode"] == ("full" if full_finetune else "lora")
+    assert report["trainable_parameters"] < report["total_parameters"]
+    assert math.isfinite(report["first_step_logs"]["loss"]) and math.isfinite(report["first_step_logs"]["pre"])
+    assert not AcceleratorState._shared_state  # the run leaves no accelerate state behind for other tests
+
+
+def test_sampling_benchmark_runs_as_a_script(tmp_path):
+    """``PYTHONPATH=src python benchmarks/bench_sampling.py ...``, as on the GPU machine: one JSON object on stdout."""
+    repo = BENCH_DIR.parent
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(BENCH_DIR / "bench_sampling.py"), *TINY[:4], "--batch_sizes", "1", "--warmup", "0",
+               "--iters", "1"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["results"][0]["total_s_per_image"] > 0
