@@ -8,7 +8,10 @@ oracle on held-out prompts with the same seeds):
 - per concept: original model, ``naive`` (Eq. 6), ``vare`` (VARE-basic, Eq. 7), ``fce`` (VARE + filtered CE), ``svare``
   (+ preservation KL);
 - alpha ablation of S-VARE on the first concept: token threshold 0, 0.25 (default), 0.5, 0.75;
-- multi-concept: one adapter erasing the first ``--multi`` concepts of the first concept's kind.
+- multi-concept: for each count in ``--multi``, one adapter erasing that many concepts at once, taken from the first
+  concept's kind and then the next kinds (at most all but three of a kind, so every kind keeps concepts for
+  ``acc_i``); its step budget is ``--max_train_steps`` x ceil(count / 2), the same number of steps per concept as a
+  one-concept run sees pairs.
 
 Columns: ``acc_e`` (target still drawn, held-out templates), ``acc_e_para`` (held-out paraphrases of the target),
 ``acc_i`` (the other concepts of the target's kind still drawn). Finished runs are reused (delete a run's folder to
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,7 +35,7 @@ from var_erase import DEFAULT_MODEL  # noqa: E402
 from var_erase.evaluation.toy_metrics import concept_accuracy  # noqa: E402
 from var_erase.pipelines.pipeline_var import VARPipeline  # noqa: E402
 from var_erase.toy.captions import evaluation_prompts  # noqa: E402
-from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
+from var_erase.toy.concepts import CONCEPT_KINDS, concept_names, get_concept  # noqa: E402
 from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier  # noqa: E402
 
 METHODS = ("naive", "vare", "fce", "svare")
@@ -42,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
     p.add_argument("--concepts", default="red,blue", help="comma-separated target concepts")
     p.add_argument("--alphas", default="0,0.5,0.75", help="token thresholds besides the default 0.25")
-    p.add_argument("--multi", type=int, default=5, help="concepts erased together (0: skip)")
+    p.add_argument("--multi", default="5", help="comma-separated numbers of concepts erased together (empty: skip)")
     p.add_argument("--num_pairs", type=int, default=24)
     p.add_argument("--max_train_steps", type=int, default=150)
     p.add_argument("--learning_rate", type=float, default=1e-3)
@@ -56,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(args, name: str, concepts: list[str], *extra: str) -> str:
     out = os.path.join(args.output_dir, name)
     if not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors")):
+        steps = args.max_train_steps * math.ceil(len(concepts) / 2) if len(concepts) > 1 else args.max_train_steps
         argv = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--output_dir", out,
-                "--num_pairs", str(args.num_pairs), "--max_train_steps", str(args.max_train_steps),
+                "--num_pairs", str(args.num_pairs), "--max_train_steps", str(steps),
                 "--learning_rate", str(args.learning_rate), "--rank", str(args.rank), "--seed", str(args.seed),
                 "--num_validation_images", "2", *extra]
         for concept in concepts:
@@ -68,8 +73,8 @@ def train(args, name: str, concepts: list[str], *extra: str) -> str:
 
 def evaluate(pipe, oracle, adapter: str | None, targets: list[str], args) -> dict:
     """acc_e / acc_i on held-out templates and acc_e on held-out paraphrases, same seeds for every row."""
-    kind = get_concept(targets[0]).kind
-    rows = evaluation_prompts(concept_names(kind), args.prompts_per_concept, args.seed + 1)
+    kinds = list(dict.fromkeys(get_concept(t).kind for t in targets))
+    rows = evaluation_prompts([c for k in kinds for c in concept_names(k)], args.prompts_per_concept, args.seed + 1)
     para = evaluation_prompts(targets, args.prompts_per_concept, args.seed + 2, split="heldout_paraphrase")
     if adapter is not None:
         pipe.load_lora_weights(adapter, adapter_name="row")
@@ -93,11 +98,26 @@ def plan(args) -> list[tuple[str, str, list[str], tuple[str, ...]]]:
     for alpha in [a for a in args.alphas.split(",") if a.strip()]:
         rows.append((f"{first}: svare alpha={alpha}", f"{first}-svare-alpha{alpha}", [first],
                      ("--token_threshold", alpha)))
-    if args.multi > 1:
-        kind = get_concept(first).kind
-        group = [first] + [c for c in concept_names(kind) if c != first][: args.multi - 1]
+    for count in [int(n) for n in args.multi.split(",") if n.strip()]:
+        group = concept_group(first, count)
         rows.append((f"{len(group)} concepts together ({', '.join(group)})", f"multi{len(group)}", group, ()))
     return rows
+
+
+def concept_group(first: str, count: int) -> list[str]:
+    """``count`` concepts starting with ``first``: its kind first, then the other kinds in order, each kind giving at
+    most all but three of its concepts (so acc_i is still measured on every kind the group touches)."""
+    first_kind = get_concept(first).kind
+    kinds = [first_kind] + [k for k in CONCEPT_KINDS if k != first_kind]
+    group = [first]
+    for kind in kinds:
+        names = [c for c in concept_names(kind) if c not in group]
+        room = len(concept_names(kind)) - 3 - sum(get_concept(c).kind == kind for c in group)
+        group += names[: max(0, min(room, count - len(group)))]
+    if len(group) < count:
+        raise ValueError(f"the toy world cannot erase {count} concepts together and keep three of each kind for "
+                         f"acc_i; the most is {len(group)}")
+    return group
 
 
 def markdown(results: list[dict], args) -> str:

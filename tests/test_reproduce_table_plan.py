@@ -1,0 +1,41 @@
+"""examples/reproduce_table.py: which rows it runs and which concepts a multi-concept row erases."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+from reproduce_table import concept_group, parse_args, plan  # noqa: E402
+
+from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
+
+
+def test_concept_group_fills_the_first_kind_then_the_next_and_keeps_three_of_each():
+    five = concept_group("triangle", 5)
+    assert five[0] == "triangle" and len(set(five)) == 5
+    assert all(get_concept(c).kind == "shape" for c in five)
+    ten = concept_group("triangle", 10)
+    assert ten[:5] == five and len(set(ten)) == 10
+    for kind in {get_concept(c).kind for c in ten}:
+        erased = sum(get_concept(c).kind == kind for c in ten)
+        assert len(concept_names(kind)) - erased >= 3  # acc_i still has three concepts of this kind
+
+
+def test_concept_group_says_when_the_world_is_too_small():
+    with pytest.raises(ValueError, match="cannot erase 30 concepts"):
+        concept_group("red", 30)
+
+
+def test_plan_has_every_method_per_concept_the_alphas_and_each_multi_row():
+    args = parse_args(["--concepts", "triangle,outlined", "--alphas", "0,0.5", "--multi", "5,10"])
+    rows = plan(args)
+    labels = [r[0] for r in rows]
+    for concept in ("triangle", "outlined"):
+        assert f"{concept}: original" in labels
+        assert {f"{concept}: {m}" for m in ("naive", "vare", "fce", "svare")} <= set(labels)
+    assert "triangle: svare alpha=0" in labels and "triangle: svare alpha=0.5" in labels
+    multi = [r for r in rows if r[1].startswith("multi")]
+    assert [len(r[2]) for r in multi] == [5, 10]
+    assert len({r[1] for r in rows if r[1]}) == len([r for r in rows if r[1]])  # every run has its own folder
