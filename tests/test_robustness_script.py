@@ -33,7 +33,8 @@ def model_and_adapter(tmp_path_factory):
         for name, param in tf.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    VARPipeline.save_lora_weights(root / "lora", transformer_lora_layers=get_peft_model_state_dict(tf, adapter_name="erase"),
+    layers = get_peft_model_state_dict(tf, adapter_name="erase")
+    VARPipeline.save_lora_weights(root / "lora", transformer_lora_layers=layers,
                                   transformer_lora_adapter_metadata=tf.peft_config["erase"].to_dict())
     return root
 
