@@ -21,10 +21,9 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from var_erase import DEFAULT_MODEL, __version__
-from var_erase.evaluation.toy_metrics import concept_accuracy
+from var_erase.evaluation.toy_metrics import concept_accuracy, kind_evaluation_prompts
 from var_erase.pipelines.pipeline_var import VARPipeline
-from var_erase.toy.captions import evaluation_prompts
-from var_erase.toy.concepts import concept_names, get_concept
+from var_erase.toy.concepts import get_concept
 from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
 
@@ -67,8 +66,7 @@ def main(argv=None) -> dict:
     if args.prompts_file:
         rows = read_prompts_file(args.prompts_file)
     else:
-        kinds = dict.fromkeys(get_concept(c).kind for c in args.target_concept)
-        rows = evaluation_prompts([n for k in kinds for n in concept_names(k)], args.prompts_per_concept, args.seed)
+        rows = kind_evaluation_prompts(args.target_concept, args.prompts_per_concept, args.seed)
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     names = [f"lora_{i}" for i in range(len(args.lora))]

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_svare  # noqa: E402
 
 from var_erase import DEFAULT_MODEL  # noqa: E402
-from var_erase.evaluation.toy_metrics import concept_accuracy  # noqa: E402
+from var_erase.evaluation.toy_metrics import concept_accuracy, kind_evaluation_prompts  # noqa: E402
 from var_erase.pipelines.pipeline_var import VARPipeline  # noqa: E402
 from var_erase.toy.captions import evaluation_prompts  # noqa: E402
 from var_erase.toy.concepts import CONCEPT_KINDS, concept_names, get_concept  # noqa: E402
@@ -73,8 +73,7 @@ def train(args, name: str, concepts: list[str], *extra: str) -> str:
 
 def evaluate(pipe, oracle, adapter: str | None, targets: list[str], args) -> dict:
     """acc_e / acc_i on held-out templates and acc_e on held-out paraphrases, same seeds for every row."""
-    kinds = list(dict.fromkeys(get_concept(t).kind for t in targets))
-    rows = evaluation_prompts([c for k in kinds for c in concept_names(k)], args.prompts_per_concept, args.seed + 1)
+    rows = kind_evaluation_prompts(targets, args.prompts_per_concept, args.seed + 1)
     para = evaluation_prompts(targets, args.prompts_per_concept, args.seed + 2, split="heldout_paraphrase")
     if adapter is not None:
         pipe.load_lora_weights(adapter, adapter_name="row")

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..toy.captions import plan_caption, realise_caption
-from ..toy.concepts import CONCEPT_KINDS
+from ..toy.captions import evaluation_prompts, plan_caption, realise_caption
+from ..toy.concepts import CONCEPT_KINDS, concept_names, get_concept
 from ..toy.render import sample_scene
 
 
@@ -66,6 +66,13 @@ def adherence_from_reading(reading, targets: Sequence[dict]) -> dict[str, float]
     hits = {kind: [t[kind] in seen for t, seen in zip(targets, reading.values(kind))] for kind in targets[0]}
     all_hits = [all(hits[kind][i] for kind in hits) for i in range(len(targets))]
     return {**{kind: float(np.mean(v)) for kind, v in hits.items()}, "all": float(np.mean(all_hits))}
+
+
+def kind_evaluation_prompts(targets: Sequence[str], n_per_concept: int, seed: int) -> list[tuple[str, str]]:
+    """Held-out ``(prompt, concept)`` rows for every concept of the targets' kinds: the targets' rows give acc_e, the
+    others' acc_i."""
+    kinds = dict.fromkeys(get_concept(t).kind for t in targets)
+    return evaluation_prompts([name for kind in kinds for name in concept_names(kind)], n_per_concept, seed)
 
 
 def adherence_by_value(reading, targets: Sequence[dict]) -> dict[str, dict[str, dict[str, float]]]:
