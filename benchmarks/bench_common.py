@@ -194,6 +194,23 @@ def set_backend_flags(tf32: bool, cudnn_benchmark: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+
+
+@contextmanager
+def sdpa_backends(names: list[str] | None) -> Iterator[None]:
+    """Restrict ``scaled_dot_product_attention`` to these backends, tried in this order (None: PyTorch's choice)."""
+    if not names:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    by_name = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    with sdpa_kernel([by_name[n] for n in names], set_priority=True):
+        yield
+
+
 def raise_compile_limits() -> None:
     """Let torch.compile keep one graph per (layer, scale shape) instead of falling back to eager after 8."""
     import torch._dynamo
@@ -266,6 +283,58 @@ def emit(result: dict, output_json: str | None) -> dict:
 def log(message: str) -> None:
     """Progress to stderr (stdout carries only the JSON)."""
     print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# profiling
+
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "wgmma")),
+    ("copy_cast", ("copy", "cast", "convert", "memcpy", "memset", "fill")),
+    ("reduction_norm", ("norm", "reduce", "softmax", "welford")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """Coarse class of a GPU kernel from its name: attention, gemm, copy_cast, reduction_norm or elementwise."""
+    lowered = name.lower()
+    for category, keys in KERNEL_CATEGORIES:
+        if any(key in lowered for key in keys):
+            return category
+    return "elementwise_other"
+
+
+def profile_call(fn, device: torch.device, path: str, row_limit: int = 60) -> dict:
+    """Run ``fn()`` once under ``torch.profiler`` and write the operator table (sorted by device time) to ``path``.
+
+    Returns a summary: wall seconds, summed GPU kernel seconds by :func:`kernel_category`, kernel launches, and the
+    share of the wall time the GPU was busy (``gpu_busy``; low means the host, not the GPU, sets the pace).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    wall = time.perf_counter() - start
+    by_category: dict[str, float] = {}
+    launches = 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            category = kernel_category(event.name)
+            by_category[category] = by_category.get(category, 0.0) + event.time_range.elapsed_us() / 1e6
+            launches += 1
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_key, row_limit=row_limit, max_name_column_width=90)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Path(path).write_text(table + "\n")
+    gpu_s = sum(by_category.values())
+    return {"profile_table": path, "profiled_wall_s": wall, "gpu_kernel_s": gpu_s,
+            "gpu_kernel_s_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+            "kernel_launches": launches, "gpu_busy": gpu_s / wall if device.type == "cuda" and wall > 0 else None}
 
 
 @contextmanager

@@ -38,12 +38,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 from bench_common import (
     CONFIGS,
     DTYPES,
+    SDPA_BACKENDS,
     build_pipeline,
     count_parameters,
     emit,
@@ -51,9 +53,11 @@ from bench_common import (
     fresh_accelerate_state,
     log,
     peak_memory,
+    profile_call,
     reset_peak_memory,
     resolve_device,
     schedule_info,
+    sdpa_backends,
     set_backend_flags,
     summarize,
     synchronize,
@@ -90,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None, help="also write the JSON here")
+    p.add_argument("--sdpa_backends", nargs="+", choices=SDPA_BACKENDS, default=None,
+                   help="restrict scaled_dot_product_attention to these backends in this order (default: PyTorch's)")
+    p.add_argument("--profile_dir", default=None,
+                   help="after timing, profile one more iteration with torch.profiler and write its operator table to "
+                        "DIR/erasure_<lora|full>.txt (the report gets a summary by kernel class)")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.iters < 1:
         p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")
@@ -187,6 +196,11 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
     time_iterations(trainer, 1, args.warmup - 1)
     times = time_iterations(trainer, args.warmup, args.iters)
     lora = config.finetune_mode == "lora"
+    profile = None
+    if args.profile_dir:
+        step = args.warmup + args.iters
+        profile = profile_call(lambda: trainer.training_step(step), device,
+                               os.path.join(args.profile_dir, f"erasure_{'lora' if lora else 'full'}.txt"))
     return {
         "s_per_iteration": summarize(times)["median"],
         **peak_memory(device),
@@ -198,6 +212,7 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
         "trainer_setup_s": setup_s,
         "iteration_s": summarize(times),
         "iteration_times_s": times,
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -247,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     set_backend_flags(args.tf32, cudnn_benchmark=False)
     with fresh_accelerate_state():
-        report = run(args, device)
+        with sdpa_backends(args.sdpa_backends):
+            report = run(args, device)
     result = {"benchmark": "erasure", "config": args.config, **report,
               "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
               "environment": environment(device)}

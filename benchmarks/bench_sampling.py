@@ -35,12 +35,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 from bench_common import (
     CONFIGS,
     DTYPES,
+    SDPA_BACKENDS,
     StageTimer,
     build_pipeline,
     count_parameters,
@@ -48,10 +50,12 @@ from bench_common import (
     environment,
     log,
     peak_memory,
+    profile_call,
     raise_compile_limits,
     reset_peak_memory,
     resolve_device,
     schedule_info,
+    sdpa_backends,
     set_backend_flags,
     summarize,
     target_check,
@@ -88,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None, help="also write the JSON here")
+    p.add_argument("--sdpa_backends", nargs="+", choices=SDPA_BACKENDS, default=None,
+                   help="restrict scaled_dot_product_attention to these backends in this order (default: PyTorch's)")
+    p.add_argument("--profile_dir", default=None,
+                   help="after timing, profile one more generation per batch size with torch.profiler and write its "
+                        "operator table to DIR/sampling_b<B>.txt (the report gets a summary by kernel class)")
     args = p.parse_args(argv)
     if args.warmup < 0 or args.iters < 1 or any(b < 1 for b in args.batch_sizes):
         p.error("--warmup must be >= 0, --iters >= 1 and every batch size >= 1")
@@ -172,6 +181,10 @@ def bench_batch(pipe, schedule: ScaleSchedule, args, batch_size: int, device: to
     sample_s = summarize([s[0] for s in samples])
     decode_s = summarize([s[1] for s in samples])
     wall_s = summarize([s[2] for s in samples])
+    profile = None
+    if args.profile_dir:
+        profile = profile_call(lambda: generate_once(pipe, schedule, states, mask, args, generator, device), device,
+                               os.path.join(args.profile_dir, f"sampling_b{batch_size}.txt"))
     guided = args.guidance_scale != 1.0
     rows = batch_size * (2 if guided else 1)
     flops = sampling_flops(dict(pipe.transformer.config), schedule, rows, args.text_len)
@@ -194,6 +207,7 @@ def bench_batch(pipe, schedule: ScaleSchedule, args, batch_size: int, device: to
         "transformer_s_per_batch": sample_s,
         "vae_decode_s_per_batch": decode_s,
         "wall_s_per_batch": wall_s,
+        **({"profile": profile} if profile else {}),
     }
 
 
@@ -231,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     for batch_size in args.batch_sizes:
         log(f"batch size {batch_size}: {args.warmup} warm-up + {args.iters} timed generations")
         try:
-            results.append(bench_batch(pipe, schedule, args, batch_size, device))
+            with sdpa_backends(args.sdpa_backends):
+                results.append(bench_batch(pipe, schedule, args, batch_size, device))
         except torch.OutOfMemoryError as err:
             results.append({"batch_size": batch_size, "error": f"out of memory: {str(err).splitlines()[0]}"})
         reset_peak_memory(device)

@@ -38,7 +38,8 @@ def _assert_positive(report: dict, keys: list[str]) -> None:
 
 def test_sampling_benchmark_reports_every_batch_size(bench, tmp_path, capsys):
     out = tmp_path / "sampling.json"
-    report = bench("bench_sampling").main(TINY + ["--batch_sizes", "1", "2", "--iters", "2", "--output_json", str(out)])
+    report = bench("bench_sampling").main(TINY + ["--batch_sizes", "1", "2", "--iters", "2", "--output_json", str(out),
+                                                  "--sdpa_backends", "math", "--profile_dir", str(tmp_path / "prof")])
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())  # stdout holds only the JSON
     assert report["schedule"]["total_tokens"] == 521 and [r["batch_size"] for r in report["results"]] == [1, 2]
     for result in report["results"]:
@@ -48,6 +49,9 @@ def test_sampling_benchmark_reports_every_batch_size(bench, tmp_path, capsys):
                                   "model_tflop_per_image"])
         assert result["total_s_per_image"] == pytest.approx(
             result["transformer_s_per_image"] + result["vae_decode_s_per_image"])
+        profile = result["profile"]  # one profiled generation: the operator table is written, CPU time measured
+        assert Path(profile["profile_table"]).read_text().count("aten::") > 5 and profile["profiled_wall_s"] > 0
+        assert profile["gpu_busy"] is None and profile["kernel_launches"] == 0  # no GPU kernels on the CPU
     _assert_positive(report["parameters"], ["transformer", "vae"])
     assert report["environment"]["torch"] and "targets" not in report  # targets only at Infinity-2B size
 
@@ -78,7 +82,9 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     from accelerate.state import AcceleratorState
 
     args = TINY + ["--iters", "1", "--anchor_prompts", "2", "--anchor_batch_size", "2"]
-    report = bench("bench_erasure").main(args + (["--full_finetune"] if full_finetune else []))
+    report = bench("bench_erasure").main(args + (["--full_finetune"] if full_finetune else [])
+                                         + ["--profile_dir", str(tmp_path)])
+    assert Path(report["profile"]["profile_table"]).name == f"erasure_{'full' if full_finetune else 'lora'}.txt"
     assert json.loads(capsys.readouterr().out)["s_per_iteration"] == report["s_per_iteration"]
     _assert_positive(report, ["s_per_iteration", "peak_memory_gib", "anchor_s_per_prompt", "projected_run_s",
                               "projected_run_min", "trainable_parameters", "first_iteration_s"])
