@@ -13,8 +13,10 @@ from var_erase.models.attention import (
     TextAttentivePool,
     apply_rope_2d,
     block_causal_attention,
+    prefix_views,
     rope_2d_frequencies,
 )
+from var_erase.models.transformer_var import VARTransformerBlock
 from var_erase.schedules import ScaleSchedule
 
 
@@ -185,3 +187,32 @@ def test_kv_cache_rejects_a_batch_change_and_overflow():
         cache.update(0, torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))
     cache.reset()
     assert cache.seq_len == 0 and cache.is_consistent
+
+
+def test_block_causal_attention_gradients_equal_the_masked_reference():
+    """The split queries and the in-place prefix gradients of the keys/values give the masked attention's gradients."""
+    schedule = ScaleSchedule.from_infinity(0.75, "0.06M").truncated(5)
+    q, k, v = (torch.randn(2, 3, schedule.total_tokens, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, schedule.total_tokens, 8, dtype=torch.float64)
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=schedule.block_causal_mask())
+    expected = torch.autograd.grad(masked, (q, k, v), grad_out)
+    ours = torch.autograd.grad(block_causal_attention(q, k, v, schedule.offsets), (q, k, v), grad_out)
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_prefix_views_backward_adds_every_prefix_gradient():
+    x = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    ends = (1, 3, 7)
+    torch.autograd.gradcheck(lambda t: sum((p * p.sum()).sum() for p in prefix_views(t, ends)), (x,))
+    grads = torch.autograd.grad(prefix_views(x, (2, 5))[0].sum(), x)[0]  # an unused prefix gets no gradient
+    assert grads[:, :, :2].eq(1).all() and grads[:, :, 2:].eq(0).all()
+
+
+def test_bf16_block_keeps_a_float32_residual_stream():
+    block = VARTransformerBlock(16, 2, 32, 1e-6, 100.0).to(torch.bfloat16)
+    x = torch.randn(1, 5, 16)
+    cos, sin = rope_2d_frequencies(torch.randint(0, 4, (5, 2)), 8)
+    out = block(x, torch.randn(1, 1, 6, 16), torch.randn(1, 3, 16, dtype=torch.bfloat16),
+                torch.ones(1, 1, 1, 3, dtype=torch.bool), cos, sin)
+    assert out.dtype == torch.float32 and out.shape == x.shape and out.isfinite().all()

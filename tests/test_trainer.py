@@ -89,3 +89,29 @@ def test_checkpoint_resume_matches_uninterrupted_run(anchors, tmp_path):
 def test_missing_anchors_is_a_clear_error(anchors):
     with pytest.raises(ValueError, match="no auxiliary visual tokens"):
         ErasureTrainer(tiny_pipeline(), ErasureConfig(), [PromptPair("x", "never sampled")], anchors)
+
+
+def test_bf16_autocast_lora_step_skips_peft_input_casts(anchors):
+    """Under bf16 autocast the adapters take the half-precision input as it is (PEFT's float32 cast is switched off
+    for the step only) and every adapter tensor still trains."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        cfg = ErasureConfig(learning_rate=1e-2, max_train_steps=1)
+        trainer = ErasureTrainer(tiny_pipeline(), cfg, PAIRS, anchors, Accelerator(mixed_precision="bf16", cpu=True),
+                                 seed=0)
+        layers = [m for m in trainer.transformer.modules() if isinstance(m, BaseTunerLayer)]
+        seen = []
+        hook = layers[0].register_forward_pre_hook(lambda mod, args: seen.append(mod.cast_input_dtype_enabled))
+        before = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
+        trainer.train(progress=False)
+        hook.remove()
+        after = trainer.trainable_state_dict()
+        assert seen and not any(seen) and all(m.cast_input_dtype_enabled for m in layers)  # restored after the step
+        assert [k for k in before if torch.equal(before[k], after[k])] == []
+        assert all(v.dtype == torch.float32 for v in after.values())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
+from peft.helpers import disable_input_dtype_casting
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
@@ -249,12 +250,16 @@ class ErasureTrainer:
             return self.preserve_loss(*micro_batches[micro])
 
         uses_pre = "preservation_kl" in self.config.losses
-        if uses_pre and self.config.update == "joint":
-            logs["loss"] = self._update(lambda m: erase(m) + preserve(m))
-        else:
-            logs["loss"] = self._update(erase)
-            if uses_pre:
-                logs["pre"] = self._update(preserve)
+        # under autocast the LoRA matmuls run in half precision anyway: PEFT's cast of every adapted layer's input to
+        # the float32 adapter dtype would only add a full-size copy per layer (forward and backward)
+        autocast = self.accelerator.mixed_precision in ("bf16", "fp16") and self.config.finetune_mode == "lora"
+        with disable_input_dtype_casting(self.transformer, active=autocast):
+            if uses_pre and self.config.update == "joint":
+                logs["loss"] = self._update(lambda m: erase(m) + preserve(m))
+            else:
+                logs["loss"] = self._update(erase)
+                if uses_pre:
+                    logs["pre"] = self._update(preserve)
         return logs
 
     def train(self, max_train_steps: int | None = None, checkpointing_steps: int | None = None,

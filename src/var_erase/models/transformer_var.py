@@ -183,13 +183,15 @@ class VARTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         dtype = self.scale_shift_table.dtype
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.scale_shift_table.float() + adaln_B16C).unbind(2)
-        h_BLC = (self.norm1(x_BLC) * (1 + scale1) + shift1).to(dtype)
+        # fused forms of x * (1 + scale) + shift and x + gamma * h.float() (one kernel each; the bf16 branch outputs
+        # are promoted to float32 inside the kernel)
+        h_BLC = torch.addcmul(shift1, self.norm1(x_BLC), 1 + scale1).to(dtype)
         h_BLC = self.attn1(h_BLC, rope_cos_LP, rope_sin_LP, scale_offsets, kv_cache, layer_idx)
-        x_BLC = x_BLC + gamma1 * h_BLC.float()
+        x_BLC = torch.addcmul(x_BLC, gamma1, h_BLC)
         h_BLC = self.attn2(self.norm2(x_BLC).to(dtype), context_BTC, context_mask_B11T, kv_cache, layer_idx)
-        x_BLC = x_BLC + h_BLC.float()
-        h_BLC = (self.norm3(x_BLC) * (1 + scale2) + shift2).to(dtype)
-        return x_BLC + gamma2 * self.ff(h_BLC).float()
+        x_BLC = x_BLC + h_BLC
+        h_BLC = torch.addcmul(shift2, self.norm3(x_BLC), 1 + scale2).to(dtype)
+        return torch.addcmul(x_BLC, gamma2, self.ff(h_BLC))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
