@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generator", choices=["none", "cuda", "cpu"], default="none",
                    help="none: the pipeline default (draws on the device); cuda: one device generator; cpu: one CPU "
                         "generator per image, as anchor sampling passes them")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="pipe.enable_cuda_graphs(): replay each scale as a CUDA graph (captured in the first warm-up)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (experimental: one graph per layer and scale shape)")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     schedule = pipe.prepare_schedule(spec["height"], spec["width"])
     if args.compile:
         compile_blocks(pipe, args.compile_mode)
+    if args.cuda_graphs:
+        pipe.enable_cuda_graphs()
     results = []
     for batch_size in args.batch_sizes:
         log(f"batch size {batch_size}: {args.warmup} warm-up + {args.iters} timed generations")

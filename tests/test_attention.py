@@ -216,3 +216,11 @@ def test_bf16_block_keeps_a_float32_residual_stream():
     out = block(x, torch.randn(1, 1, 6, 16), torch.randn(1, 3, 16, dtype=torch.bfloat16),
                 torch.ones(1, 1, 1, 3, dtype=torch.bool), cos, sin)
     assert out.dtype == torch.float32 and out.shape == x.shape and out.isfinite().all()
+
+
+def test_rope_real_form_used_under_compile_equals_the_complex_form(monkeypatch):
+    x = torch.randn(2, 3, 7, 8)
+    cos, sin = rope_2d_frequencies(torch.randint(0, 5, (7, 2)), 8)
+    complex_form = apply_rope_2d(x, cos, sin)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope_2d(x, cos, sin), complex_form)

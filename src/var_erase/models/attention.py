@@ -63,6 +63,9 @@ def apply_rope_2d(x_BHLc: torch.Tensor, cos_LP: torch.Tensor, sin_LP: torch.Tens
     Returns:
         (B, H, L, head_dim) float32.
     """
+    if torch.compiler.is_compiling():  # the compiler has no complex kernels; it fuses the real form itself
+        x0, x1 = x_BHLc.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((cos_LP * x0 - sin_LP * x1, sin_LP * x0 + cos_LP * x1), dim=-1).flatten(-2)
     pairs_BHLP = torch.view_as_complex(x_BHLc.float().contiguous().unflatten(-1, (-1, 2)))
     rotation_LP = torch.complex(cos_LP.float(), sin_LP.float())
     return torch.view_as_real(pairs_BHLP * rotation_LP).flatten(-2)
@@ -150,6 +153,19 @@ class KVCache:
         elif self.max_tokens is not None and self.max_tokens < max_tokens:
             raise ValueError(f"this KV cache holds at most {self.max_tokens} tokens, the schedule has {max_tokens}; "
                              "use a new cache per generation")
+
+    def truncate(self, num_tokens: int) -> None:
+        """Keep only the first ``num_tokens`` tokens of every layer (e.g. 0 to start a new generation), keeping the
+        preallocated buffers and the text keys/values (:meth:`clear_text` drops those). CUDA-graph replay uses this
+        to rewind a cache whose buffers must stay at the same addresses."""
+        if not 0 <= num_tokens <= (self.max_tokens if self.max_tokens is not None else min(self._lengths)):
+            raise ValueError(f"cannot truncate a KV cache of {self.seq_len} tokens (max {self.max_tokens}) to "
+                             f"{num_tokens}")
+        self._lengths = [num_tokens] * self.num_layers
+
+    def clear_text(self) -> None:
+        """Forget the cached text keys/values (they are recomputed at the next scale)."""
+        self._cross = [None] * self.num_layers
 
     def cross_kv(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The cached text keys/values of a layer, or None before the first scale."""

@@ -1,0 +1,64 @@
+"""CUDA-graph replay of the scale loop (``VARPipeline.enable_cuda_graphs``): same images as the eager loop, captured
+once per shape, recaptured when the model changes. The GPU tests are skipped on CPU-only machines."""
+
+import pytest
+import torch
+
+from var_erase.models.attention import KVCache
+
+from ._tiny import tiny_pipeline
+
+
+def test_cuda_graphs_need_a_gpu_model():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="CUDA device"):
+        pipe.enable_cuda_graphs()
+
+
+def test_kv_cache_truncate_rewinds_and_keeps_buffers():
+    cache = KVCache(2, max_tokens=6)
+    for layer in range(2):
+        cache.update(layer, torch.ones(1, 1, 4, 2), torch.ones(1, 1, 4, 2))
+        cache.set_cross_kv(layer, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    buffer = cache._keys[0]
+    cache.truncate(1)
+    assert cache.seq_len == 1 and cache._keys[0] is buffer and cache.cross_kv(0) is not None
+    keys, _ = cache.update(0, torch.full((1, 1, 2, 2), 2.0), torch.full((1, 1, 2, 2), 2.0))
+    assert keys.shape[2] == 3 and keys[0, 0, 1:].eq(2).all() and cache._keys[0] is buffer
+    cache.clear_text()
+    assert cache.cross_kv(1) is None
+    with pytest.raises(ValueError, match="truncate"):
+        cache.truncate(7)
+
+
+def _generate(pipe, seed: int, prompt: str = "a red circle"):
+    generator = torch.Generator("cuda").manual_seed(seed)
+    out = pipe(prompt, num_images_per_prompt=2, generator=generator, output_type="pt", return_trajectory=True)
+    return out.images, out.trajectory
+
+
+@pytest.mark.gpu
+def test_graph_replay_gives_the_eager_images_and_recaptures_after_a_lora_change():
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline().to("cuda")
+    eager = [_generate(pipe, seed, prompt) for seed, prompt in [(0, "a red circle"), (1, "two blue squares")]]
+    pipe.enable_cuda_graphs()
+    for _ in range(2):  # the first pass captures, the second replays
+        for (images, trajectory), (seed, prompt) in zip(eager, [(0, "a red circle"), (1, "two blue squares")]):
+            got_images, got_trajectory = _generate(pipe, seed, prompt)
+            assert torch.equal(got_trajectory.bits, trajectory.bits)
+            torch.testing.assert_close(got_trajectory.logits, trajectory.logits, rtol=0, atol=0)
+            torch.testing.assert_close(got_images, images)
+    graphs = pipe._cuda_graphs
+    assert graphs.captured_scales == pipe.prepare_schedule(64, 64).num_scales
+
+    # a LoRA added while graphs are on changes the model's fingerprint: the next generation captures again
+    lora = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    pipe.transformer.add_adapter(lora)
+    replayed = _generate(pipe, 3)
+    pipe.disable_cuda_graphs()
+    with_adapter = _generate(pipe, 3)
+    assert torch.equal(replayed[1].bits, with_adapter[1].bits)
+    pipe.transformer.disable_adapters()
+    assert not torch.equal(with_adapter[1].bits, _generate(pipe, 3)[1].bits)  # the adapter mattered
