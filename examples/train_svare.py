@@ -71,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the retain KL (default: --preservation_weight)")
     p.add_argument("--retain_batch_size", type=int, default=None,
                    help="retain prompts per preservation step (default: --train_batch_size)")
+    p.add_argument("--preservation_teacher", choices=["guided", "conditional"], default="guided",
+                   help="teacher of the preservation KL: the frozen model's guided logits (the reference) or, beyond "
+                        "the paper, its conditional logits")
+    p.add_argument("--retain_teacher", choices=["guided", "conditional"], default="conditional",
+                   help="teacher of the retain KL (extension; default: conditional)")
     p.add_argument("--anchors_per_prompt", type=int, default=1)
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -135,6 +140,7 @@ def erasure_config(args) -> ErasureConfig:
         train_batch_size=args.train_batch_size, update=args.update, token_threshold=args.token_threshold,
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
         retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
+        preservation_teacher=args.preservation_teacher, retain_teacher=args.retain_teacher,
         lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
         lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,
     )

@@ -29,6 +29,7 @@ def test_defaults_are_the_reference_code():
     assert c.num_train_scales is None and c.negative_guidance == 1.0
     assert c.retain_weight is None and c.retain_batch_size is None  # the retain set (an extension) follows L_Pre's
     assert c.effective_retain_weight == c.preservation_weight and c.effective_retain_batch_size == c.train_batch_size
+    assert c.preservation_teacher == "guided"  # the reference's CFG-guided teacher
     assert c.lora_target_modules == ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out", "ff.net.0.proj",
                                      "ff.net.2"]
 

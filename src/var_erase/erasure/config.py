@@ -102,6 +102,13 @@ class ErasureConfig:
             ``retain_weight * KL(guided teacher || student)`` on ``retain_batch_size`` of them, each along its own
             frozen-model trajectory. ``None`` = ``preservation_weight`` / ``train_batch_size``. Without retain prompts
             (the default) nothing changes. Methods with a preservation term only (``svare``).
+        preservation_teacher: the teacher of L_Pre on the pairs' safe prompts: ``"guided"`` (the reference: the frozen
+            model's CFG-guided logits, guidance 4, stored with the anchors) or ``"conditional"`` (an option beyond the
+            paper: the frozen model's plain conditional logits, the same forward the student runs, so the KL pulls the
+            model towards itself rather than distilling guidance into its conditional branch).
+        retain_teacher: the same choice for the retain prompts; ``"conditional"`` by default, since the retain set is
+            not the paper's (distilling guidance into the conditional branch moves a prompt's guided samples away
+            from the base model's, the opposite of retaining it).
 
     Optimisation:
         update: ``"alternating"`` (code: per iteration, a backward + optimizer step on L_FCE, then another on
@@ -135,6 +142,8 @@ class ErasureConfig:
     num_train_scales: int | None = None
     retain_weight: float | None = None
     retain_batch_size: int | None = None
+    preservation_teacher: str = "guided"
+    retain_teacher: str = "conditional"
     # 2. optimisation
     update: str = "alternating"
     learning_rate: float | None = None
@@ -218,6 +227,8 @@ class ErasureConfig:
             ("normalize", ("all_tokens", "kept_tokens")),
             ("kl_reduction", ("code", "paper")),
             ("update", ("alternating", "joint")),
+            ("preservation_teacher", ("guided", "conditional")),
+            ("retain_teacher", ("guided", "conditional")),
         ):
             check(name, lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")
         check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")

@@ -220,15 +220,19 @@ class ErasureTrainer:
 
     def preserve_loss(self, pairs: list[PromptPair], anchor: dict, retain: tuple[list[str], dict] | None = None
                       ) -> torch.Tensor:
-        """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori``; plus, with a
-        retain batch ``(prompts, anchor batch)``, ``retain_weight * KL`` on the retain prompts (an extension)."""
-        code = self.config.kl_reduction == "code"
+        """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori`` (the conditional
+        teacher with ``preservation_teacher="conditional"``); plus, with a retain batch ``(prompts, anchor batch)``,
+        ``retain_weight * KL`` on the retain prompts (an extension; teacher ``retain_teacher``)."""
+        cfg = self.config
+        code = cfg.kl_reduction == "code"
+        teacher = {"guided": "logits", "conditional": "cond_logits"}
         student = self._logits(anchor["inputs"], [p.safe for p in pairs])
-        loss = self.config.preservation_weight * L.preservation_kl(student, anchor["logits"], reduction_code=code)
+        loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
+                                                           reduction_code=code)
         if retain is not None and retain[0]:
             prompts, retain_anchor = retain
             student = self._logits(retain_anchor["inputs"], prompts)
-            kl = L.preservation_kl(student, retain_anchor["logits"], reduction_code=code)
+            kl = L.preservation_kl(student, retain_anchor[teacher[cfg.retain_teacher]], reduction_code=code)
             loss = loss + self.config.effective_retain_weight * kl
         return loss
 
