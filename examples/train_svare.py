@@ -61,6 +61,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
     p.add_argument("--num_train_scales", type=int, default=None, help="train only the first K scales")
+    p.add_argument("--retain_prompts_per_concept", type=int, default=0,
+                   help="extension beyond the paper (default 0: off, the paper's L_Pre on the pairs' safe prompts "
+                        "only): also preserve this many training captions of every other concept of the erased "
+                        "concepts' kinds (toy world) in each preservation step")
+    p.add_argument("--retain_prompts", action="append", default=[],
+                   help="extension beyond the paper: a text file of prompts to preserve (one per line); repeatable")
+    p.add_argument("--retain_weight", type=float, default=None,
+                   help="weight of the retain KL (default: --preservation_weight)")
+    p.add_argument("--retain_batch_size", type=int, default=None,
+                   help="retain prompts per preservation step (default: --train_batch_size)")
+    p.add_argument("--preservation_teacher", choices=["guided", "conditional"], default="guided",
+                   help="teacher of the preservation KL: the frozen model's guided logits (the reference) or, beyond "
+                        "the paper, its conditional logits")
+    p.add_argument("--retain_teacher", choices=["guided", "conditional"], default="conditional",
+                   help="teacher of the retain KL (extension; default: conditional)")
     p.add_argument("--anchors_per_prompt", type=int, default=1)
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -100,12 +115,32 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
     return list(dict.fromkeys(pairs)), args.concept
 
 
+def resolve_retain_prompts(args, concepts: list[str]) -> list[str]:
+    """Prompts to preserve besides the pairs' safe prompts (empty unless asked for: not part of the paper)."""
+    prompts: list[str] = []
+    for path in args.retain_prompts:
+        with open(path, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise SystemExit(f"--retain_prompts {path}: no prompts in the file (one prompt per line)")
+    if args.retain_prompts_per_concept > 0:
+        if args.prompt_pairs:
+            raise SystemExit("--retain_prompts_per_concept writes toy-world captions for named --concept s; with "
+                             "--prompt_pairs give --retain_prompts FILE instead")
+        from var_erase.toy.captions import retain_prompts
+
+        prompts += retain_prompts(concepts, args.retain_prompts_per_concept, seed=args.seed + 7)
+    return list(dict.fromkeys(prompts))
+
+
 def erasure_config(args) -> ErasureConfig:
     modules = args.train_modules.split(",") if args.train_modules else None
     return ErasureConfig(
         method=args.method, learning_rate=args.learning_rate, max_train_steps=args.max_train_steps,
         train_batch_size=args.train_batch_size, update=args.update, token_threshold=args.token_threshold,
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
+        retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
+        preservation_teacher=args.preservation_teacher, retain_teacher=args.retain_teacher,
         lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
         lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,
     )
@@ -145,15 +180,16 @@ def main(argv=None) -> str:
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)
     pairs, concepts = resolve_pairs(args)
+    retain = resolve_retain_prompts(args, concepts)
     config = erasure_config(args)
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     os.makedirs(args.output_dir, exist_ok=True)
 
     # 1. auxiliary visual tokens of the safe prompts (frozen model, cached)
+    anchor_prompts = list(dict.fromkeys([p.safe for p in pairs] + retain))  # + retain prompts (extension)
     anchors = load_or_sample_anchors(
-        pipe, list(dict.fromkeys(p.safe for p in pairs)), args.anchor_cache_dir or os.path.join(args.output_dir,
-                                                                                                   "anchors"),
+        pipe, anchor_prompts, args.anchor_cache_dir or os.path.join(args.output_dir, "anchors"),
         model_id=str(args.pretrained_model_name_or_path), anchors_per_prompt=args.anchors_per_prompt,
         guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature, top_k=config.anchor_top_k,
         top_p=config.anchor_top_p, seed=config.anchor_seed, progress=accelerator.is_main_process)
@@ -162,10 +198,11 @@ def main(argv=None) -> str:
     metadata = AdapterMetadata.from_training(args.pretrained_model_name_or_path, pipe.transformer, concepts,
                                              args.method, hyperparameters=config.to_dict() | {
                                                  "seed": args.seed, "num_pairs": len(pairs),
+                                                 "num_retain_prompts": len(retain),
                                                  "anchors_per_prompt": args.anchors_per_prompt})
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=args.gradient_checkpointing, retain_prompts=retain)
     resume = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else \
         args.resume_from_checkpoint
     if resume:
@@ -196,7 +233,8 @@ def main(argv=None) -> str:
     grid.save(os.path.join(args.output_dir, "grid.png"))
     with open(os.path.join(args.output_dir, "training_log.json"), "w") as f:
         json.dump({"args": vars(args), "config": config.to_dict(), "concepts": concepts, "num_pairs": len(pairs),
-                   "validation_prompts": prompts, "history": trainer.state.history}, f, indent=2)
+                   "retain_prompts": retain, "validation_prompts": prompts, "history": trainer.state.history}, f,
+                  indent=2)
     repo_id = args.hub_model_id or f"var-erased-{'-'.join(concepts)}"
     save_model_card(render_model_card(metadata, repo_id, {"Before (left) / after (right)": "grid.png"}),
                     args.output_dir)

@@ -27,6 +27,9 @@ def test_defaults_are_the_reference_code():
         4.0, 1.0, 900, 0.97, 42)
     assert (c.inference_guidance_scale, c.inference_temperature) == (4.0, 0.5)
     assert c.num_train_scales is None and c.negative_guidance == 1.0
+    assert c.retain_weight is None and c.retain_batch_size is None  # the retain set (an extension) follows L_Pre's
+    assert c.effective_retain_weight == c.preservation_weight and c.effective_retain_batch_size == c.train_batch_size
+    assert c.preservation_teacher == "guided"  # the reference's CFG-guided teacher
     assert c.lora_target_modules == ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out", "ff.net.0.proj",
                                      "ff.net.2"]
 
@@ -91,6 +94,8 @@ def test_from_dict_rejects_unknown_fields():
         ({"preservation_weight": -1}, "preservation_weight must be a number >= 0"),
         ({"negative_guidance": math.inf}, "negative_guidance must be a finite number"),
         ({"num_train_scales": 0}, "num_train_scales must be None"),
+        ({"retain_weight": -0.5}, "retain_weight must be None"),
+        ({"retain_batch_size": 0}, "retain_batch_size must be None"),
         ({"learning_rate": 0.0}, "learning_rate must be None"),
         ({"max_train_steps": 0}, "max_train_steps must be an integer >= 1"),
         ({"train_batch_size": 1.5}, "train_batch_size must be an integer >= 1"),

@@ -15,6 +15,7 @@ from var_erase.toy.captions import (
     concept_prompts,
     evaluation_prompts,
     fill_template,
+    retain_prompts,
     swap_concept,
     with_article,
 )
@@ -173,3 +174,23 @@ def test_unknown_concept_error_lists_the_known_ones():
 def test_evaluation_prompts_cover_every_concept():
     rows = evaluation_prompts(n_per_concept=2)
     assert {concept for _, concept in rows} == set(concept_names()) and len(rows) == 2 * len(concept_names())
+
+
+def test_retain_prompts_cover_the_other_concepts_of_the_kind_without_the_erased_words():
+    from var_erase.toy.concepts import concept_names, get_concept
+
+    rows = retain_prompts(["triangle"], 6, seed=3)
+    assert len(rows) == 7 * 6 and len(set(rows)) == len(rows)
+    assert rows == retain_prompts(["triangle"], 6, seed=3) and rows != retain_prompts(["triangle"], 6, seed=4)
+    words = [w for c in concept_names("shape") for w in get_concept(c).training_words]
+    for name in concept_names("shape"):
+        mine = [r for r in rows if any(re.search(rf"\b{w}\b", r) for w in get_concept(name).training_words)]
+        assert len(mine) == (0 if name == "triangle" else 6), name
+    assert all(any(w in r for w in words) for r in rows)
+    held_out = {w for c in concept_names() for w in get_concept(c).heldout_paraphrases}
+    assert not any(w in r for r in rows for w in held_out)  # training words only
+    mixed = retain_prompts(["red", "triangle"], 3, seed=0)  # two kinds: no prompt may name either erased concept
+    assert len(mixed) == 7 * 3 + 7 * 3
+    assert not any(re.search(r"\b(red|scarlet|triangle|triangular shape)\b", r) for r in mixed)
+    with pytest.raises(ValueError, match="n_per_concept"):
+        retain_prompts(["triangle"], 0)

@@ -47,3 +47,16 @@ def test_interrupted_run_resumes_and_the_adapter_loads(base, tmp_path):
 def test_unknown_concept_without_pairs_names_the_fix(base, tmp_path):
     with pytest.raises(SystemExit, match="--prompt_pairs"):
         train_svare.main(_args(base, tmp_path / "x", 1)[:4] + ["--concept", "nudity"])
+
+
+def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
+    out = tmp_path / "retain"
+    extra = tmp_path / "keep.txt"
+    extra.write_text("a blue circle\n\na green square\n")
+    train_svare.main(_args(base, out, 1, "--retain_prompts_per_concept", "1", "--retain_prompts", str(extra),
+                           "--retain_weight", "1.0"))
+    log = json.loads((out / "training_log.json").read_text())
+    retain = log["retain_prompts"]
+    assert retain[:2] == ["a blue circle", "a green square"] and len(retain) == 2 + 7  # + one per other colour
+    assert log["config"]["retain_weight"] == 1.0 and not any(w in p.split() for p in retain for w in ("red", "scarlet"))
+    assert read_adapter_metadata(out).hyperparameters["num_retain_prompts"] == 9

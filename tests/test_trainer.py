@@ -115,3 +115,57 @@ def test_bf16_autocast_lora_step_skips_peft_input_casts(anchors):
         assert all(v.dtype == torch.float32 for v in after.values())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+RETAIN = ["a green star", "a big green heart", "a star on grey"]
+
+
+@pytest.fixture(scope="module")
+def retain_anchors():
+    return sample_anchors(tiny_pipeline(), [p.safe for p in PAIRS] + RETAIN, progress=False)
+
+
+def test_retain_prompts_add_a_kl_on_their_own_trajectories(retain_anchors):
+    plain = ErasureTrainer(tiny_pipeline(), ErasureConfig(learning_rate=1e-2, cond_drop_rate=0.0), PAIRS,
+                           retain_anchors, seed=0)
+    config = ErasureConfig(learning_rate=1e-2, cond_drop_rate=0.0, retain_weight=2.0, retain_batch_size=2,
+                           retain_teacher="guided")
+    trainer = ErasureTrainer(tiny_pipeline(), config, PAIRS, retain_anchors, seed=0,
+                             retain_prompts=RETAIN + RETAIN[:1])  # repeats are dropped
+    assert trainer.retain_prompts == RETAIN and plain.retain_prompts == [] and plain.retain_batch(0) == ([], [])
+    prompts, rows = trainer.retain_batch(0)
+    assert len(prompts) == 2 and [retain_anchors.prompts[r] for r in rows] == prompts
+    assert [trainer.retain_batch(s) for s in range(4)] == [trainer.retain_batch(s) for s in range(4)]
+    # over an epoch every retain prompt is seen
+    assert {p for s in range(3) for p in trainer.retain_batch(s)[0]} >= set(RETAIN[:2])
+    pairs, anchor = [PAIRS[0]], trainer._anchor_batch(retain_anchors.rows_for(PAIRS[0].safe))
+    retain = (prompts, trainer._anchor_batch(rows))
+    torch.manual_seed(0)
+    base = trainer.preserve_loss(pairs, anchor).item()
+    with_retain = trainer.preserve_loss(pairs, anchor, retain).item()
+    from var_erase.erasure.losses import preservation_kl
+    student = trainer._logits(retain[1]["inputs"], prompts)
+    expected = 2.0 * preservation_kl(student, retain[1]["logits"]).item()
+    assert expected > 0 and with_retain == pytest.approx(base + expected, rel=1e-4)
+    before = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
+    trainer.train(max_train_steps=1, progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in trainer.trainable_state_dict().items())
+
+
+def test_retain_prompts_need_anchors_and_a_preservation_loss(anchors, retain_anchors):
+    with pytest.raises(ValueError, match="no auxiliary visual tokens"):
+        ErasureTrainer(tiny_pipeline(), ErasureConfig(), PAIRS, anchors, retain_prompts=["a green star"])
+    with pytest.raises(ValueError, match="preservation loss"):
+        ErasureTrainer(tiny_pipeline(), ErasureConfig(method="fce"), PAIRS, retain_anchors, retain_prompts=RETAIN)
+
+
+def test_conditional_teacher_is_the_frozen_model_itself(anchors):
+    """At initialisation the LoRA is a no-op: the conditional teacher's KL is 0, the reference's guided one is not."""
+    rows = anchors.rows_for(PAIRS[0].safe)[:1]
+    losses = {}
+    for teacher in ("guided", "conditional"):
+        trainer = _trainer(anchors, cond_drop_rate=0.0, preservation_teacher=teacher)
+        losses[teacher] = trainer.preserve_loss([PAIRS[0]], trainer._anchor_batch(rows)).item()
+    assert losses["conditional"] == pytest.approx(0.0, abs=1e-6) and losses["guided"] > 1e-4
+    with pytest.raises(ValueError, match="retain_teacher must be one of"):
+        ErasureConfig(retain_teacher="uncond")

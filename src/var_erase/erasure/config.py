@@ -96,6 +96,19 @@ class ErasureConfig:
         kl_reduction: ``"code"`` (mean over the 2d entries, ½ of the per-bit KL) or ``"paper"`` (full per-bit KL).
         negative_guidance: eta of ESD (method ``esd`` only).
         num_train_scales: train on the first N scales only; ``None`` = all (the code's ``always_training_scales=100``).
+        retain_weight / retain_batch_size: the optional retain set, **an extension beyond the paper** (its L_Pre uses
+            only the pairs' own neutral prompts, research/paper.md §1.4; no retain set). When the trainer is given
+            ``retain_prompts`` (e.g. captions of the other concepts of the target's kind), each preserve step adds
+            ``retain_weight * KL(guided teacher || student)`` on ``retain_batch_size`` of them, each along its own
+            frozen-model trajectory. ``None`` = ``preservation_weight`` / ``train_batch_size``. Without retain prompts
+            (the default) nothing changes. Methods with a preservation term only (``svare``).
+        preservation_teacher: the teacher of L_Pre on the pairs' safe prompts: ``"guided"`` (the reference: the frozen
+            model's CFG-guided logits, guidance 4, stored with the anchors) or ``"conditional"`` (an option beyond the
+            paper: the frozen model's plain conditional logits, the same forward the student runs, so the KL pulls the
+            model towards itself rather than distilling guidance into its conditional branch).
+        retain_teacher: the same choice for the retain prompts; ``"conditional"`` by default, since the retain set is
+            not the paper's (distilling guidance into the conditional branch moves a prompt's guided samples away
+            from the base model's, the opposite of retaining it).
 
     Optimisation:
         update: ``"alternating"`` (code: per iteration, a backward + optimizer step on L_FCE, then another on
@@ -127,6 +140,10 @@ class ErasureConfig:
     kl_reduction: str = "code"
     negative_guidance: float = 1.0
     num_train_scales: int | None = None
+    retain_weight: float | None = None
+    retain_batch_size: int | None = None
+    preservation_teacher: str = "guided"
+    retain_teacher: str = "conditional"
     # 2. optimisation
     update: str = "alternating"
     learning_rate: float | None = None
@@ -180,6 +197,14 @@ class ErasureConfig:
         return self.learning_rate if self.learning_rate is not None else default_learning_rate(self.finetune_mode)
 
     @property
+    def effective_retain_weight(self) -> float:
+        return self.preservation_weight if self.retain_weight is None else self.retain_weight
+
+    @property
+    def effective_retain_batch_size(self) -> int:
+        return self.train_batch_size if self.retain_batch_size is None else self.retain_batch_size
+
+    @property
     def losses(self) -> tuple[str, ...]:
         return losses_for(self.method)
 
@@ -202,12 +227,18 @@ class ErasureConfig:
             ("normalize", ("all_tokens", "kept_tokens")),
             ("kl_reduction", ("code", "paper")),
             ("update", ("alternating", "joint")),
+            ("preservation_teacher", ("guided", "conditional")),
+            ("retain_teacher", ("guided", "conditional")),
         ):
             check(name, lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")
         check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")
         check("token_threshold", lambda v: _number(v) and 0 <= v <= 1, "a share of bits in [0, 1] (alpha)")
         check("preservation_weight", lambda v: _number(v) and v >= 0, "a number >= 0 (lambda on L_Pre)")
         check("negative_guidance", lambda v: _number(v) and math.isfinite(v), "a finite number (ESD's eta)")
+        check("retain_weight", lambda v: v is None or (_number(v) and v >= 0),
+              "None (= preservation_weight) or a number >= 0")
+        check("retain_batch_size", lambda v: v is None or _integer(v, 1),
+              "None (= train_batch_size) or an integer >= 1")
         check("num_train_scales", lambda v: v is None or _integer(v, 1), "None (all scales) or an integer >= 1")
         check("learning_rate", lambda v: v is None or (_number(v) and v > 0), "None (the default) or a number > 0")
         check("max_train_steps", lambda v: _integer(v, 1), "an integer >= 1")

@@ -8,10 +8,13 @@ each with its auxiliary visual tokens ``r^ori`` (sampled from the frozen model f
 2. preserve step: logits under ``c`` along the same ``r^ori``; ``0.5 * KL(guided teacher || student)``; backward,
    clip, optimizer step.
 
-``update="joint"`` sums the two losses into one step instead. Both forwards run in training mode with 10% condition
-dropout, as the reference's. Baselines use the same frame: ``vare`` (paper Eq. 7: probability MSE against the frozen
-model's conditional prediction under ``c`` on ``r^ori``), ``naive`` (Eq. 6: each branch on its own history; the
-student's history is a fresh rollout under ``c*``), ``esd`` (negative guidance on per-scale logits, on ``r^ori``).
+``update="joint"`` sums the two losses into one step instead. Optionally (``retain_prompts``, an extension beyond the
+paper, which preserves only the pairs' own neutral prompts) the preserve step also distils the frozen model on a batch
+of retain prompts, each along its own anchor trajectory (see ``ErasureConfig.retain_weight``). Both forwards run in
+training mode with 10% condition dropout, as the reference's. Baselines use the same frame: ``vare`` (paper Eq. 7:
+probability MSE against the frozen model's conditional prediction under ``c`` on ``r^ori``), ``naive`` (Eq. 6: each
+branch on its own history; the student's history is a fresh rollout under ``c*``), ``esd`` (negative guidance on per-
+scale logits, on ``r^ori``).
 
 The trained parameters are a PEFT LoRA adapter (cross-attention + FFN by default) kept in float32, or, with
 ``train_modules``, the named modules fully fine-tuned (the reference's ``ca`` + ``ffn``).
@@ -54,16 +57,21 @@ class ErasureTrainer:
         anchors: auxiliary visual tokens of the safe prompts (:func:`~var_erase.erasure.anchors.sample_anchors`).
         accelerator: an ``accelerate.Accelerator`` (mixed precision, devices, distributed); a default one if None.
         seed: seeds the batch order and the anchor choice (resumable: batches depend only on ``(seed, step)``).
+        retain_prompts: optional prompts to preserve besides the pairs' safe prompts (not in the paper: an explicit
+            extension); ``anchors`` must hold their trajectories too. Only for methods with a preservation loss.
     """
 
     def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
                  accelerator: Accelerator | None = None, seed: int = 0, gradient_accumulation_steps: int = 1,
-                 gradient_checkpointing: bool = False) -> None:
+                 gradient_checkpointing: bool = False, retain_prompts: list[str] | None = None) -> None:
         config.validate()
-        missing = sorted({p.safe for p in pairs} - set(anchors.prompts))
+        self.retain_prompts = list(dict.fromkeys(retain_prompts or []))
+        if self.retain_prompts and "preservation_kl" not in config.losses:
+            raise ValueError(f"retain_prompts need a method with a preservation loss (svare), not {config.method!r}")
+        missing = sorted(({p.safe for p in pairs} | set(self.retain_prompts)) - set(anchors.prompts))
         if missing:
-            raise ValueError(f"no auxiliary visual tokens for {len(missing)} safe prompts, e.g. {missing[:2]}; sample "
-                             f"anchors for every pair's safe prompt")
+            raise ValueError(f"no auxiliary visual tokens for {len(missing)} safe or retain prompts, e.g. "
+                             f"{missing[:2]}; sample anchors for every pair's safe prompt and every retain prompt")
         self.pipe, self.config, self.pairs, self.anchors, self.seed = pipe, config, pairs, anchors, seed
         self.accelerator = accelerator or Accelerator()
         self.accumulation = gradient_accumulation_steps
@@ -82,7 +90,7 @@ class ErasureTrainer:
     @torch.no_grad()
     def _encode_prompts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Text features of every prompt, computed once: ``{prompt: (states_TC, mask_T)}`` on the device."""
-        prompts = sorted({p for pair in self.pairs for p in (pair.unsafe, pair.safe)})
+        prompts = sorted({p for pair in self.pairs for p in (pair.unsafe, pair.safe)} | set(self.retain_prompts))
         device = self.accelerator.device
         self.pipe.text_encoder.to(device)
         out = {}
@@ -144,6 +152,23 @@ class ErasureTrainer:
             rows.append(candidates[int(torch.randint(len(candidates), (1,), generator=g))])
         return pair_ids, rows
 
+    def retain_batch(self, step: int) -> tuple[list[str], list[int]]:
+        """Retain prompts and anchor rows of iteration ``step`` (empty without retain prompts): epochs of shuffled
+        retain prompts, a function of ``(seed, step)`` only, like :meth:`batch_indices`."""
+        if not self.retain_prompts:
+            return [], []
+        n, b = len(self.retain_prompts), self.config.effective_retain_batch_size
+        per_epoch = max(1, n // b)
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_033 + epoch + 17))
+        prompts = [self.retain_prompts[int(order[(position * b + i) % n])] for i in range(b)]
+        g = torch.Generator().manual_seed(self.seed * 7_927 + step + 29)
+        rows = []
+        for prompt in prompts:
+            candidates = self.anchors.rows_for(prompt)
+            rows.append(candidates[int(torch.randint(len(candidates), (1,), generator=g))])
+        return prompts, rows
+
     def _text_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad the cached features of ``prompts`` to one (B, T, C) batch with its (B, T) mask."""
         feats = [self.text[p] for p in prompts]
@@ -194,11 +219,23 @@ class ErasureTrainer:
             return L.esd_loss(self._logits(anchor["inputs"], None, states, mask), target), {}
         raise ValueError(f"unknown method {cfg.method!r}")
 
-    def preserve_loss(self, pairs: list[PromptPair], anchor: dict) -> torch.Tensor:
-        """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori``."""
+    def preserve_loss(self, pairs: list[PromptPair], anchor: dict, retain: tuple[list[str], dict] | None = None
+                      ) -> torch.Tensor:
+        """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori`` (the conditional
+        teacher with ``preservation_teacher="conditional"``); plus, with a retain batch ``(prompts, anchor batch)``,
+        ``retain_weight * KL`` on the retain prompts (an extension; teacher ``retain_teacher``)."""
+        cfg = self.config
+        code = cfg.kl_reduction == "code"
+        teacher = {"guided": "logits", "conditional": "cond_logits"}
         student = self._logits(anchor["inputs"], [p.safe for p in pairs])
-        kl = L.preservation_kl(student, anchor["logits"], reduction_code=self.config.kl_reduction == "code")
-        return self.config.preservation_weight * kl
+        loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
+                                                           reduction_code=code)
+        if retain is not None and retain[0]:
+            prompts, retain_anchor = retain
+            student = self._logits(retain_anchor["inputs"], prompts)
+            kl = L.preservation_kl(student, retain_anchor[teacher[cfg.retain_teacher]], reduction_code=code)
+            loss = loss + self.config.effective_retain_weight * kl
+        return loss
 
     @torch.no_grad()
     def _rollout_inputs(self, prompts: list[str]) -> torch.Tensor:
@@ -234,11 +271,14 @@ class ErasureTrainer:
 
     def training_step(self, step: int) -> dict:
         """One iteration (both steps of the alternating update, or one joint step)."""
-        micro_batches = []
+        micro_batches, retain_batches = [], []
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         for micro in range(self.accumulation):  # each process takes its own batches: global batch = B x P x accum
-            pair_ids, rows = self.batch_indices((step * self.accumulation + micro) * processes + rank)
+            index = (step * self.accumulation + micro) * processes + rank
+            pair_ids, rows = self.batch_indices(index)
             micro_batches.append(([self.pairs[i] for i in pair_ids], self._anchor_batch(rows)))
+            retain_prompts, retain_rows = self.retain_batch(index)
+            retain_batches.append((retain_prompts, self._anchor_batch(retain_rows)) if retain_prompts else None)
         logs: dict = {}
 
         def erase(micro):
@@ -247,7 +287,7 @@ class ErasureTrainer:
             return loss
 
         def preserve(micro):
-            return self.preserve_loss(*micro_batches[micro])
+            return self.preserve_loss(*micro_batches[micro], retain_batches[micro])
 
         uses_pre = "preservation_kl" in self.config.losses
         # under autocast the LoRA matmuls run in half precision anyway: PEFT's cast of every adapted layer's input to

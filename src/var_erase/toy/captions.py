@@ -375,3 +375,40 @@ def evaluation_prompts(
         prompts = concept_prompts(name, n_per_concept, seed * 1000 + k, split=split)
         rows += [(prompt, get_concept(name).name) for prompt in prompts]
     return rows
+
+
+def retain_prompts(
+    concepts: Sequence[str | Concept], n_per_concept: int = 16, seed: int = 0, *, kinds: Sequence[str] | None = None
+) -> list[str]:
+    """Training-split prompts of every *other* concept of the erased concepts' kinds: a retain set to preserve.
+
+    For each concept of ``kinds`` (default: the kinds of ``concepts``) that is not being erased, ``n_per_concept``
+    prompts as :func:`concept_prompts` writes them (training templates and words only, so evaluation prompts never
+    appear), without any prompt that uses a training word of an erased concept (e.g. a "red circle" while erasing red).
+    Deterministic from ``seed``. The paper has no retain set (its preservation loss sees only the pairs' own safe
+    prompts); this feeds the trainer's optional ``retain_prompts`` extension.
+    """
+    erased = [get_concept(c) for c in concepts]
+    if not erased:
+        raise ValueError("no erased concepts given: the retain set is built from the other concepts of their kinds")
+    if n_per_concept < 1:
+        raise ValueError(f"n_per_concept must be >= 1, got {n_per_concept}")
+    kinds = list(dict.fromkeys(kinds or [c.kind for c in erased]))
+    banned = re.compile(r"\b(" + "|".join(re.escape(w) for c in erased for w in c.training_words) + r")\b", re.I)
+    erased_names = {c.name for c in erased}
+    out = []
+    for kind in kinds:
+        for concept in concepts_of_kind(kind):
+            if concept.name in erased_names:
+                continue
+            kept: list[str] = []
+            round_ = 0
+            while len(kept) < n_per_concept:
+                if round_ >= 64:
+                    raise ValueError(f"cannot write {n_per_concept} prompts of {concept.name!r} that avoid the erased "
+                                     f"concepts' words")
+                batch = concept_prompts(concept, n_per_concept, seed * 1000 + concept.index * 97 + round_ * 7919)
+                kept += [p for p in batch if not banned.search(p) and p not in kept][: n_per_concept - len(kept)]
+                round_ += 1
+            out += kept
+    return out
