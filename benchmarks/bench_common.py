@@ -323,7 +323,7 @@ def profile_call(fn, device: torch.device, path: str, row_limit: int = 60) -> di
     by_category: dict[str, float] = {}
     launches = 0
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.name != "Command Buffer Full":
             category = kernel_category(event.name)
             by_category[category] = by_category.get(category, 0.0) + event.time_range.elapsed_us() / 1e6
             launches += 1

@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
     p.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
                    help="keep every block's activations instead of recomputing them in the backward")
+    p.add_argument("--selective_checkpointing", action="store_true",
+                   help="recompute the blocks except their attention kernels (gradient_checkpointing='selective')")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="frozen transformer blocks")
     p.add_argument("--anchor_prompts", type=int, default=8, help="safe prompts whose anchors are timed")
@@ -188,7 +190,8 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
     device = accelerator.device
     start = time.perf_counter()
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
-                             gradient_checkpointing=args.gradient_checkpointing)
+                             gradient_checkpointing=("selective" if args.selective_checkpointing
+                                                     else args.gradient_checkpointing))
     setup_s = time.perf_counter() - start
     reset_peak_memory(device)
     log(f"training: 1 checked + {args.warmup - 1} warm-up + {args.iters} timed iterations")
@@ -251,6 +254,9 @@ def run(args, device: torch.device) -> dict:
         "projected_run_s": projected,
         "projected_run_min": projected / 60,
         "finetune_mode": config.finetune_mode,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": args.batch_size * accelerator.num_processes,
+        "is_main_process": accelerator.is_main_process,
         "erasure_config": config.to_dict(),
         "schedule": schedule_info(anchors.schedule),
         "transformer_config": dict(pipe.transformer.config),
@@ -267,8 +273,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "erasure", "config": args.config, **report,
               "settings": {k: v for k, v in vars(args).items() if k != "output_json"},
               "environment": environment(device)}
-    if args.config == "infinity-2b" and device.type == "cuda":
+    if args.config == "infinity-2b" and device.type == "cuda" and report["num_processes"] == 1:
         result["targets"] = erasure_targets(report)
+    if not report["is_main_process"]:  # under accelerate launch only the main process reports
+        return result
     return emit(result, args.output_json)
 
 

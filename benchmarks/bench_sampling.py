@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "generator per image, as anchor sampling passes them")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="pipe.enable_cuda_graphs(): replay each scale as a CUDA graph (captured in the first warm-up)")
+    p.add_argument("--compile_vae", action="store_true",
+                   help="torch.compile the VAE decoder (inductor fuses its GroupNorms, slow in eager bf16)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every transformer block (experimental: one graph per layer and scale shape)")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
@@ -245,6 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         compile_blocks(pipe, args.compile_mode)
     if args.cuda_graphs:
         pipe.enable_cuda_graphs()
+    if args.compile_vae:
+        raise_compile_limits()
+        pipe.vae.decoder.compile()
     results = []
     for batch_size in args.batch_sizes:
         log(f"batch size {batch_size}: {args.warmup} warm-up + {args.iters} timed generations")

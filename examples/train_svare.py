@@ -56,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=500)
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--gradient_checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"],
+                   help="recompute block activations in the backward: 'full' (the flag alone; the reference's) or "
+                        "'selective' (keep the attention outputs: faster, more memory)")
     p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
@@ -83,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpointing_steps", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--validation_prompt", action="append", default=[])
-    p.add_argument("--num_validation_images", type=int, default=4)
+    p.add_argument("--num_validation_images", type=int, default=4,
+                   help="images per validation prompt in the before/after grid.png; 0 skips the grid")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
@@ -229,19 +232,21 @@ def main(argv=None) -> str:
         save_file(trainer.trainable_state_dict(), os.path.join(args.output_dir, "finetuned_modules.safetensors"),
                   metadata=metadata.to_safetensors_metadata())
     prompts = args.validation_prompt or default_validation_prompts(pairs)
-    grid = validation_grid(pipe, prompts, args.num_validation_images, args.seed, config)
-    grid.save(os.path.join(args.output_dir, "grid.png"))
+    images = {}
+    if args.num_validation_images > 0:  # 0: no before/after grid (e.g. runs that only compare adapters)
+        grid = validation_grid(pipe, prompts, args.num_validation_images, args.seed, config)
+        grid.save(os.path.join(args.output_dir, "grid.png"))
+        images = {"Before (left) / after (right)": "grid.png"}
     with open(os.path.join(args.output_dir, "training_log.json"), "w") as f:
         json.dump({"args": vars(args), "config": config.to_dict(), "concepts": concepts, "num_pairs": len(pairs),
                    "retain_prompts": retain, "validation_prompts": prompts, "history": trainer.state.history}, f,
                   indent=2)
     repo_id = args.hub_model_id or f"var-erased-{'-'.join(concepts)}"
-    save_model_card(render_model_card(metadata, repo_id, {"Before (left) / after (right)": "grid.png"}),
-                    args.output_dir)
+    save_model_card(render_model_card(metadata, repo_id, images), args.output_dir)
     if args.push_to_hub:
         url = push_adapter_to_hub(args.output_dir, repo_id, token=args.hub_token)
         print(f"pushed to {url}")
-    print(f"wrote the adapter, README.md and grid.png to {args.output_dir}")
+    print(f"wrote the adapter, README.md{' and grid.png' if images else ''} to {args.output_dir}")
     return args.output_dir
 
 

@@ -169,3 +169,22 @@ def test_conditional_teacher_is_the_frozen_model_itself(anchors):
     assert losses["conditional"] == pytest.approx(0.0, abs=1e-6) and losses["guided"] > 1e-4
     with pytest.raises(ValueError, match="retain_teacher must be one of"):
         ErasureConfig(retain_teacher="uncond")
+
+
+def test_selective_checkpointing_trains_like_full_checkpointing(anchors):
+    """Keeping the attention outputs (selective) or recomputing whole blocks (full) gives the same step."""
+    from var_erase.erasure.trainer import checkpoint_function
+
+    results = {}
+    for mode in (False, "full", "selective"):
+        torch.manual_seed(0)
+        trainer = ErasureTrainer(tiny_pipeline(), ErasureConfig(learning_rate=1e-2, max_train_steps=1), PAIRS,
+                                 anchors, seed=0, gradient_checkpointing=mode)
+        assert trainer.transformer.gradient_checkpointing is bool(mode)
+        trainer.train(progress=False)
+        results[mode] = trainer.trainable_state_dict()
+    for mode in ("full", "selective"):
+        for key, value in results[False].items():
+            torch.testing.assert_close(results[mode][key], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="selective"):
+        checkpoint_function("partial")

@@ -22,6 +22,7 @@ The trained parameters are a PEFT LoRA adapter (cross-attention + FFN by default
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class ErasureTrainer:
 
     def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
                  accelerator: Accelerator | None = None, seed: int = 0, gradient_accumulation_steps: int = 1,
-                 gradient_checkpointing: bool = False, retain_prompts: list[str] | None = None) -> None:
+                 gradient_checkpointing: bool | str = False, retain_prompts: list[str] | None = None) -> None:
         config.validate()
         self.retain_prompts = list(dict.fromkeys(retain_prompts or []))
         if self.retain_prompts and "preservation_kl" not in config.losses:
@@ -102,7 +103,7 @@ class ErasureTrainer:
                 out[prompt] = (states[i, :length].float(), mask[i, :length])
         return out
 
-    def _prepare_trainable(self, transformer, gradient_checkpointing: bool):
+    def _prepare_trainable(self, transformer, gradient_checkpointing: bool | str):
         cfg = self.config
         transformer.requires_grad_(False)
         if cfg.finetune_mode == "lora":
@@ -119,7 +120,7 @@ class ErasureTrainer:
         if not any(p.requires_grad for p in transformer.parameters()):
             raise ValueError(f"nothing to train: no module matches {cfg.lora_target_modules or cfg.train_modules}")
         if gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            transformer.enable_gradient_checkpointing(checkpoint_function(gradient_checkpointing))
         transformer.to(self.accelerator.device).train()
         return transformer
 
@@ -361,6 +362,38 @@ class ErasureTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
+
+
+CHECKPOINTING_MODES = ("full", "selective")
+
+
+def _attention_ops() -> set:
+    names = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return {getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)}
+
+
+def checkpoint_function(mode: bool | str):
+    """The function that checkpoints a transformer block for ``transformer.enable_gradient_checkpointing``.
+
+    ``True`` or ``"full"``: the whole block is recomputed in the backward (the reference's ``full-block``; diffusers'
+    default, returned as None). ``"selective"``: the block is recomputed except the fused attention kernels, whose
+    outputs are kept (PyTorch's selective activation checkpointing): at Infinity-2B, batch 2, 1024x1024 that is
+    about 2.8 GB more memory for one attention forward less per block and step.
+    """
+    if mode is True or mode == "full":
+        return None
+    if mode != "selective":
+        raise ValueError(f"gradient_checkpointing must be a bool or one of {CHECKPOINTING_MODES}, got {mode!r}")
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    attention_ops = _attention_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in attention_ops else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return functools.partial(checkpoint, use_reentrant=False,
+                             context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
