@@ -28,7 +28,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.helpers import disable_input_dtype_casting
@@ -119,10 +119,18 @@ class ErasureTrainer:
                     p.data = p.data.float()  # fp32 master weights (bf16 would round small Adam updates away)
         if not any(p.requires_grad for p in transformer.parameters()):
             raise ValueError(f"nothing to train: no module matches {cfg.lora_target_modules or cfg.train_modules}")
+        if self._fsdp:
+            # FSDP flattens each wrapped block into one tensor of one dtype: keep everything float32 (sharded master
+            # weights); FSDP's own mixed precision (accelerate's --mixed_precision) computes in half precision
+            transformer.float()
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing(checkpoint_function(gradient_checkpointing))
         transformer.to(self.accelerator.device).train()
         return transformer
+
+    @property
+    def _fsdp(self) -> bool:
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.transformer.parameters() if p.requires_grad]
@@ -265,7 +273,10 @@ class ErasureTrainer:
                 loss = loss_fn(micro) / self.accumulation
                 self.accelerator.backward(loss)
             total += loss.item()
-        self.accelerator.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
+        # under FSDP accelerate clips through the wrapped model only when given all its parameters (global norm);
+        # frozen ones have no gradient and do not count
+        params = self.model.parameters() if self._fsdp else self.trainable_parameters()
+        self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
