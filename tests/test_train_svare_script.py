@@ -60,3 +60,13 @@ def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
     assert retain[:2] == ["a blue circle", "a green square"] and len(retain) == 2 + 7  # + one per other colour
     assert log["config"]["retain_weight"] == 1.0 and not any(w in p.split() for p in retain for w in ("red", "scarlet"))
     assert read_adapter_metadata(out).hyperparameters["num_retain_prompts"] == 9
+
+
+def test_selective_checkpointing_and_no_validation_grid(base, tmp_path):
+    out = tmp_path / "nogrid"
+    args = _args(base, out, 1, "--gradient_checkpointing", "selective")
+    args[args.index("--num_validation_images") + 1] = "0"
+    train_svare.main(args)
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "README.md").exists()
+    assert not (out / "grid.png").exists() and "grid.png" not in (out / "README.md").read_text()
+    assert json.loads((out / "training_log.json").read_text())["args"]["gradient_checkpointing"] == "selective"
