@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from var_erase.hub import read_adapter_metadata
 from var_erase.pipelines.pipeline_var import VARPipeline
@@ -70,3 +71,26 @@ def test_selective_checkpointing_and_no_validation_grid(base, tmp_path):
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "README.md").exists()
     assert not (out / "grid.png").exists() and "grid.png" not in (out / "README.md").read_text()
     assert json.loads((out / "training_log.json").read_text())["args"]["gradient_checkpointing"] == "selective"
+
+
+def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_batch(base, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) with batch 1 per process gives the adapter of one process with
+    batch 2: same pairs, same condition dropout, gradients averaged across the processes (the multi-GPU path)."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_svare.py")
+    common = ["--pretrained_model_name_or_path", base, "--concept", "red", "--num_pairs", "4", "--max_train_steps", "3",
+              "--num_validation_images", "0", "--learning_rate", "1e-3", "--anchor_cache_dir", str(tmp_path / "a")]
+    train_svare.main(common + ["--output_dir", str(tmp_path / "one"), "--train_batch_size", "2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # accelerate's CPU multi-process mode
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29533", script, *common, "--output_dir", str(tmp_path / "two"), "--train_batch_size", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "one" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "two" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)

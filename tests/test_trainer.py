@@ -188,3 +188,9 @@ def test_selective_checkpointing_trains_like_full_checkpointing(anchors):
             torch.testing.assert_close(results[mode][key], value, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="selective"):
         checkpoint_function("partial")
+
+
+def test_a_multi_process_launch_accelerate_does_not_see_is_refused(anchors, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. torchrun on CPUs without ACCELERATE_USE_CPU=1
+    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU"):
+        _trainer(anchors)

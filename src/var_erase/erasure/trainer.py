@@ -75,6 +75,7 @@ class ErasureTrainer:
                              f"{missing[:2]}; sample anchors for every pair's safe prompt and every retain prompt")
         self.pipe, self.config, self.pairs, self.anchors, self.seed = pipe, config, pairs, anchors, seed
         self.accelerator = accelerator or Accelerator()
+        _check_launch(self.accelerator)
         self.accumulation = gradient_accumulation_steps
         self.state = TrainState()
         self.schedule = anchors.schedule
@@ -197,51 +198,68 @@ class ErasureTrainer:
 
     # ----------------------------------------------------------------------------------------------------------------
     # losses
-    def _logits(self, inputs: torch.Tensor, prompts: list[str] | None, states=None, mask=None) -> torch.Tensor:
+    def _logits(self, inputs: torch.Tensor, prompts: list[str] | None, states=None, mask=None,
+                sample_ids: list[int] | None = None, salt: int = 0) -> torch.Tensor:
         if prompts is not None:
             states, mask = self._text_batch(prompts)
-        return self.model(inputs, states, mask, schedule=self.schedule,
-                          cond_drop_prob=self.config.cond_drop_rate).sample.float()
+        drop = None if sample_ids is None else self.cond_drop_mask(sample_ids, salt)
+        return self.model(inputs, states, mask, schedule=self.schedule, cond_drop_prob=self.config.cond_drop_rate,
+                          cond_drop_mask=drop).sample.float()
+
+    def cond_drop_mask(self, sample_ids: list[int], salt: int = 0) -> torch.Tensor:
+        """(B,) bool: which samples see the unconditional text instead of theirs (probability ``cond_drop_rate``,
+        as the reference's training forward). Each flag is a function of ``(seed, global sample index, salt)``
+        only, so the draws do not depend on how the global batch is split over processes and accumulation steps:
+        with the device's random stream, every DDP process (seeded alike) would drop the same positions."""
+        rate = self.config.cond_drop_rate
+        flags = [bool(torch.rand((), generator=torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + 4 * i + salt) % 2**63)) < rate) for i in sample_ids]
+        return torch.tensor(flags, dtype=torch.bool, device=self.accelerator.device)
 
     @torch.no_grad()
     def _frozen_logits(self, inputs, states, mask) -> torch.Tensor:
         with adapters_disabled(self.transformer):
             return self.transformer(inputs, states, mask, schedule=self.schedule, cond_drop_prob=0.0).sample.float()
 
-    def erase_loss(self, pairs: list[PromptPair], anchor: dict) -> tuple[torch.Tensor, dict]:
-        """The method's erasure term (the only term, except for S-VARE's preservation step)."""
+    def erase_loss(self, pairs: list[PromptPair], anchor: dict, sample_ids: list[int] | None = None
+                   ) -> tuple[torch.Tensor, dict]:
+        """The method's erasure term (the only term, except for S-VARE's preservation step). ``sample_ids``: the
+        pairs' global sample indices, which fix their condition dropout (:meth:`cond_drop_mask`); None draws it from
+        the device's random stream."""
         cfg, unsafe = self.config, [p.unsafe for p in pairs]
+        ids = {"sample_ids": sample_ids, "salt": 1}
         if cfg.method in ("svare", "fce"):
-            out = L.filtered_cross_entropy(self._logits(anchor["inputs"], unsafe), anchor["bits"], cfg.bit_threshold,
+            out = L.filtered_cross_entropy(self._logits(anchor["inputs"], unsafe, **ids), anchor["bits"],
+                                           cfg.bit_threshold,
                                            cfg.token_threshold, cfg.comparison, cfg.normalize)
             return out.loss, {"kept": out.kept_ratio.item(), "bit_err": out.bit_error_rate.item()}
         if cfg.method == "vare":
-            return L.vare_basic_loss(self._logits(anchor["inputs"], unsafe), anchor["cond_logits"]), {}
+            return L.vare_basic_loss(self._logits(anchor["inputs"], unsafe, **ids), anchor["cond_logits"]), {}
         if cfg.method == "naive":
             own = self._rollout_inputs(unsafe)
-            return L.naive_loss(self._logits(own, unsafe), anchor["cond_logits"]), {}
+            return L.naive_loss(self._logits(own, unsafe, **ids), anchor["cond_logits"]), {}
         if cfg.method == "esd":
             states, mask = self._text_batch(unsafe)
             uncond = self.transformer.unconditional_states(len(pairs), states.shape[1]).to(states)
             target = L.esd_target_logits(self._frozen_logits(anchor["inputs"], states, mask),
                                          self._frozen_logits(anchor["inputs"], uncond, mask), cfg.negative_guidance)
-            return L.esd_loss(self._logits(anchor["inputs"], None, states, mask), target), {}
+            return L.esd_loss(self._logits(anchor["inputs"], None, states, mask, **ids), target), {}
         raise ValueError(f"unknown method {cfg.method!r}")
 
-    def preserve_loss(self, pairs: list[PromptPair], anchor: dict, retain: tuple[list[str], dict] | None = None
-                      ) -> torch.Tensor:
+    def preserve_loss(self, pairs: list[PromptPair], anchor: dict, retain: tuple[list[str], dict] | None = None,
+                      sample_ids: list[int] | None = None, retain_ids: list[int] | None = None) -> torch.Tensor:
         """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori`` (the conditional
         teacher with ``preservation_teacher="conditional"``); plus, with a retain batch ``(prompts, anchor batch)``,
         ``retain_weight * KL`` on the retain prompts (an extension; teacher ``retain_teacher``)."""
         cfg = self.config
         code = cfg.kl_reduction == "code"
         teacher = {"guided": "logits", "conditional": "cond_logits"}
-        student = self._logits(anchor["inputs"], [p.safe for p in pairs])
+        student = self._logits(anchor["inputs"], [p.safe for p in pairs], sample_ids=sample_ids, salt=2)
         loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
                                                            reduction_code=code)
         if retain is not None and retain[0]:
             prompts, retain_anchor = retain
-            student = self._logits(retain_anchor["inputs"], prompts)
+            student = self._logits(retain_anchor["inputs"], prompts, sample_ids=retain_ids, salt=3)
             kl = L.preservation_kl(student, retain_anchor[teacher[cfg.retain_teacher]], reduction_code=code)
             loss = loss + self.config.effective_retain_weight * kl
         return loss
@@ -283,23 +301,26 @@ class ErasureTrainer:
 
     def training_step(self, step: int) -> dict:
         """One iteration (both steps of the alternating update, or one joint step)."""
-        micro_batches, retain_batches = [], []
+        micro_batches, retain_batches, ids = [], [], []
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        b, rb = self.config.train_batch_size, self.config.effective_retain_batch_size
         for micro in range(self.accumulation):  # each process takes its own batches: global batch = B x P x accum
             index = (step * self.accumulation + micro) * processes + rank
             pair_ids, rows = self.batch_indices(index)
             micro_batches.append(([self.pairs[i] for i in pair_ids], self._anchor_batch(rows)))
             retain_prompts, retain_rows = self.retain_batch(index)
             retain_batches.append((retain_prompts, self._anchor_batch(retain_rows)) if retain_prompts else None)
+            ids.append((list(range(index * b, index * b + b)), list(range(index * rb, index * rb + rb))))
         logs: dict = {}
 
         def erase(micro):
-            loss, extra = self.erase_loss(*micro_batches[micro])
+            loss, extra = self.erase_loss(*micro_batches[micro], sample_ids=ids[micro][0])
             logs.update(extra)
             return loss
 
         def preserve(micro):
-            return self.preserve_loss(*micro_batches[micro], retain_batches[micro])
+            return self.preserve_loss(*micro_batches[micro], retain_batches[micro], sample_ids=ids[micro][0],
+                                      retain_ids=ids[micro][1])
 
         uses_pre = "preservation_kl" in self.config.losses
         # under autocast the LoRA matmuls run in half precision anyway: PEFT's cast of every adapted layer's input to
@@ -373,6 +394,18 @@ class ErasureTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """Refuse a multi-process launch that accelerate does not see (each process would train alone on its share of
+    the batches and all would write the same output folder)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"this process was launched as one of {world} (WORLD_SIZE={world}) but accelerate sees a single process, "
+            "so every process would train alone and overwrite the others' output. On CPUs set ACCELERATE_USE_CPU=1 "
+            "(what `accelerate launch --cpu` does) for torchrun; on GPUs use `accelerate launch --multi_gpu "
+            "--num_processes N` (or pass an Accelerator created inside the launched processes)")
 
 
 CHECKPOINTING_MODES = ("full", "selective")

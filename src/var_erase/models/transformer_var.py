@@ -392,15 +392,21 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                              "check encoder_attention_mask")
         return states_BTC, mask_BT
 
-    def _resolve_condition(self, states_BTC, mask_BT, condition, cond_drop_prob) -> TextCondition:
+    def _resolve_condition(self, states_BTC, mask_BT, condition, cond_drop_prob, cond_drop_mask=None
+                           ) -> TextCondition:
         if (states_BTC is None) == (condition is None):
             raise ValueError("pass exactly one of encoder_hidden_states (with encoder_attention_mask) or a prepared "
                              "condition (transformer.prepare_condition(...))")
         if condition is not None:
-            if cond_drop_prob:
+            if cond_drop_prob or cond_drop_mask is not None:
                 raise ValueError("condition dropout acts on the raw text: pass encoder_hidden_states instead of a "
-                                 "prepared condition when cond_drop_prob > 0")
+                                 "prepared condition when cond_drop_prob > 0 or cond_drop_mask is given")
             return condition
+        if cond_drop_mask is not None:
+            if cond_drop_mask.dtype != torch.bool or tuple(cond_drop_mask.shape) != (states_BTC.shape[0],):
+                raise ValueError(f"cond_drop_mask must be a bool tensor of shape ({states_BTC.shape[0]},) (one flag "
+                                 f"per sample), got {cond_drop_mask.dtype} {tuple(cond_drop_mask.shape)}")
+            return self.prepare_condition(states_BTC, mask_BT, cond_drop_mask.to(states_BTC.device))
         if cond_drop_prob is None:
             cond_drop_prob = self.config.cond_drop_rate if self.training else 0.0
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -422,6 +428,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         condition: TextCondition | None = None,
         cond_drop_prob: float | None = None,
         return_dict: bool = True,
+        cond_drop_mask: torch.Tensor | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Logits of every scale in one pass (teacher forcing), with the block-causal mask over scales
         (``schedule.block_causal_mask()``, applied as per-scale attention over the visible prefix).
@@ -435,12 +442,15 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             cond_drop_prob: probability of replacing each sample's text by the unconditional embedding; None =
                 ``config.cond_drop_rate`` in training mode and 0 in eval mode.
             return_dict: return a ``Transformer2DModelOutput`` (else a tuple).
+            cond_drop_mask: (B,) bool, the samples whose text is replaced by the unconditional embedding, chosen by
+                the caller (e.g. reproducibly per sample); overrides ``cond_drop_prob``.
 
         Returns:
             ``sample``: (B, L, 2d) float32 logits; ``sample.view(B, L, d, 2)[..., 1]`` is the logit of bit 1.
         """
         schedule = self._check_schedule(schedule)
-        condition = self._resolve_condition(encoder_hidden_states, encoder_attention_mask, condition, cond_drop_prob)
+        condition = self._resolve_condition(encoder_hidden_states, encoder_attention_mask, condition, cond_drop_prob,
+                                            cond_drop_mask)
         self._check_token_inputs(token_inputs_BLd, condition.batch_size, schedule.total_tokens - 1, "all scales 1..K-1")
 
         # 1. input sequence: SOS, then the projected next-scale inputs, plus the scale embedding
