@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON/CSV of unsafe/safe pairs (keys original_prompt/modified_prompt or unsafe_prompt/"
                         "safe_prompt); repeatable")
     p.add_argument("--num_pairs", type=int, default=50, help="pairs generated per named concept (the paper: 50)")
+    p.add_argument("--pair_wording", choices=["random", "balanced"], default="random",
+                   help="generated pairs (toy world): word the concept with random synonyms / templates, or cycle "
+                        "every (template, synonym) combination evenly")
     p.add_argument("--method", choices=METHODS, default="svare")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--lora_alpha", type=float, default=None, help="default: --rank")
@@ -110,7 +113,8 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
         except (KeyError, ValueError) as err:
             raise SystemExit(f"--concept {name!r} is not a concept of the toy world ({err}). For another concept, "
                              f"pass --prompt_pairs FILE with its unsafe/safe pairs.") from err
-        generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train")
+        generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train",
+                                                balanced=args.pair_wording == "balanced")
         pairs += [PromptPair(g.unsafe, g.safe, g.concept) for g in generated]
     return list(dict.fromkeys(pairs)), args.concept
 
