@@ -79,6 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the paper, its conditional logits")
     p.add_argument("--retain_teacher", choices=["guided", "conditional"], default="conditional",
                    help="teacher of the retain KL (extension; default: conditional)")
+    p.add_argument("--uncond_preservation_weight", type=float, default=0.0,
+                   help="extension beyond the paper (default 0: off): also keep the frozen model's unconditional "
+                        "branch (KL along the anchors), which guidance multiplies by 1 - g")
+    p.add_argument("--cond_drop_rate", type=float, default=0.1,
+                   help="share of training samples whose text is replaced by the unconditional embedding (the "
+                        "reference: 0.1, in both steps)")
     p.add_argument("--anchors_per_prompt", type=int, default=1)
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -145,6 +151,7 @@ def erasure_config(args) -> ErasureConfig:
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
         retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
         preservation_teacher=args.preservation_teacher, retain_teacher=args.retain_teacher,
+        cond_drop_rate=args.cond_drop_rate, uncond_preservation_weight=args.uncond_preservation_weight,
         lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
         lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,
     )

@@ -169,3 +169,28 @@ def test_conditional_teacher_is_the_frozen_model_itself(anchors):
     assert losses["conditional"] == pytest.approx(0.0, abs=1e-6) and losses["guided"] > 1e-4
     with pytest.raises(ValueError, match="retain_teacher must be one of"):
         ErasureConfig(retain_teacher="uncond")
+
+
+def test_unconditional_preservation_keeps_the_unconditional_branch(anchors):
+    """Extension: w * KL(frozen unconditional || student unconditional) on the anchors; 0 while the LoRA is a no-op."""
+    from var_erase.erasure.losses import preservation_kl
+
+    rows = anchors.rows_for(PAIRS[0].safe)[:1]
+    trainer = _trainer(anchors, cond_drop_rate=0.0, preservation_teacher="conditional", uncond_preservation_weight=2.0)
+    batch = trainer._anchor_batch(rows)
+    assert trainer.preserve_loss([PAIRS[0]], batch).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # move the adapter off zero
+        for name, param in trainer.transformer.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    with_u = trainer.preserve_loss([PAIRS[0]], batch).item()
+    trainer.config.uncond_preservation_weight = 0.0
+    without = trainer.preserve_loss([PAIRS[0]], batch).item()
+    states, mask = trainer._text_batch([PAIRS[0].safe])
+    uncond = trainer.transformer.unconditional_states(1, states.shape[1]).to(states)
+    with torch.no_grad():
+        student = trainer.transformer(batch["inputs"], uncond, mask, schedule=trainer.schedule).sample.float()
+    expected = 2.0 * preservation_kl(student, trainer._frozen_logits(batch["inputs"], uncond, mask)).item()
+    assert expected > 1e-6 and with_u == pytest.approx(without + expected, rel=1e-4)
+    with pytest.raises(ValueError, match="uncond_preservation_weight"):
+        ErasureConfig(uncond_preservation_weight=-1.0)

@@ -46,7 +46,7 @@ def main(argv=None) -> list[dict]:
     results = []
     for adapter in ([None] if args.base else []) + args.lora:
         if adapter is not None:
-            pipe.load_lora_weights(adapter, adapter_name="eval")
+            pipe.load_lora_weights(adapter, adapter_name="evaluated")
         main_ = concept_accuracy(pipe, oracle, rows, args.target_concept, **kwargs)
         out = {"model": adapter or "base", "targets": args.target_concept, "acc_e": main_["acc_e"],
                "acc_i": main_["acc_i"], "per_concept": main_["per_concept"], "n_images": main_["n_images"]}
@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
             out["per_concept_para"] = para_["per_concept"]
             out["n_images"] += para_["n_images"]
         if adapter is not None:
-            pipe.delete_adapters("eval")
+            pipe.delete_adapters("evaluated")
         print(json.dumps(out), flush=True)
         results.append(out)
     if args.output_json:

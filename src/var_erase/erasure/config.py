@@ -109,6 +109,11 @@ class ErasureConfig:
         retain_teacher: the same choice for the retain prompts; ``"conditional"`` by default, since the retain set is
             not the paper's (distilling guidance into the conditional branch moves a prompt's guided samples away
             from the base model's, the opposite of retaining it).
+        uncond_preservation_weight: an extension beyond the paper (default 0: off). Each preserve step adds
+            ``w * KL(frozen unconditional || student unconditional)`` along the same anchors: the LoRA also acts on
+            the unconditional branch (the learned empty-text embedding goes through the same cross-attention and
+            FFN), which guidance weights by ``1 - g`` (-3 at g = 4) in every prompt's logits, and nothing else keeps
+            it in place (with ``cond_drop_rate`` > 0 the erase step even pulls it towards the safe anchors).
 
     Optimisation:
         update: ``"alternating"`` (code: per iteration, a backward + optimizer step on L_FCE, then another on
@@ -144,6 +149,7 @@ class ErasureConfig:
     retain_batch_size: int | None = None
     preservation_teacher: str = "guided"
     retain_teacher: str = "conditional"
+    uncond_preservation_weight: float = 0.0
     # 2. optimisation
     update: str = "alternating"
     learning_rate: float | None = None
@@ -234,6 +240,7 @@ class ErasureConfig:
         check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")
         check("token_threshold", lambda v: _number(v) and 0 <= v <= 1, "a share of bits in [0, 1] (alpha)")
         check("preservation_weight", lambda v: _number(v) and v >= 0, "a number >= 0 (lambda on L_Pre)")
+        check("uncond_preservation_weight", lambda v: _number(v) and v >= 0, "a number >= 0 (0: off, the paper)")
         check("negative_guidance", lambda v: _number(v) and math.isfinite(v), "a finite number (ESD's eta)")
         check("retain_weight", lambda v: v is None or (_number(v) and v >= 0),
               "None (= preservation_weight) or a number >= 0")

@@ -230,6 +230,14 @@ class ErasureTrainer:
         student = self._logits(anchor["inputs"], [p.safe for p in pairs])
         loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
                                                            reduction_code=code)
+        if cfg.uncond_preservation_weight > 0:  # extension: keep the unconditional branch (see ErasureConfig)
+            states, mask = self._text_batch([p.safe for p in pairs])
+            uncond = self.transformer.unconditional_states(len(pairs), states.shape[1]).to(states)
+            teacher_u = self._frozen_logits(anchor["inputs"], uncond, mask)
+            student_u = self.model(anchor["inputs"], uncond, mask, schedule=self.schedule,
+                                   cond_drop_prob=0.0).sample.float()
+            loss = loss + cfg.uncond_preservation_weight * L.preservation_kl(student_u, teacher_u,
+                                                                              reduction_code=code)
         if retain is not None and retain[0]:
             prompts, retain_anchor = retain
             student = self._logits(retain_anchor["inputs"], prompts)
