@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON/CSV of unsafe/safe pairs (keys original_prompt/modified_prompt or unsafe_prompt/"
                         "safe_prompt); repeatable")
     p.add_argument("--num_pairs", type=int, default=50, help="pairs generated per named concept (the paper: 50)")
+    p.add_argument("--replacement", action="append", default=[],
+                   help="generated pairs (toy world): swap the concept only for these values of its kind in the "
+                        "safe prompts (repeatable; default: every other value)")
     p.add_argument("--pair_wording", choices=["random", "balanced"], default="random",
                    help="generated pairs (toy world): word the concept with random synonyms / templates, or cycle "
                         "every (template, synonym) combination evenly")
@@ -120,9 +123,23 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
             raise SystemExit(f"--concept {name!r} is not a concept of the toy world ({err}). For another concept, "
                              f"pass --prompt_pairs FILE with its unsafe/safe pairs.") from err
         generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train",
-                                                balanced=args.pair_wording == "balanced")
+                                                balanced=args.pair_wording == "balanced",
+                                                replacements=replacements_for(name, args.concept, args.replacement))
         pairs += [PromptPair(g.unsafe, g.safe, g.concept) for g in generated]
     return list(dict.fromkeys(pairs)), args.concept
+
+
+def replacements_for(name: str, concepts: list[str], asked: list[str]) -> list[str] | None:
+    """The values a generated pair may swap ``name`` for: ``asked`` (``--replacement``) if given, else every value of
+    its kind that is not erased in the same run (so that one concept's safe prompts never ask for another erased
+    concept, which its own erase step pushes away while the preservation step holds it); ``None`` = every other."""
+    from var_erase.toy.concepts import concept_names, get_concept
+
+    if asked:
+        return [r for r in asked if get_concept(r).name != get_concept(name).name] or None
+    erased = {get_concept(c).name for c in concepts}
+    kept = [c for c in concept_names(get_concept(name).kind) if c not in erased]
+    return kept or None
 
 
 def resolve_retain_prompts(args, concepts: list[str]) -> list[str]:

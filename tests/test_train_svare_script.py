@@ -23,7 +23,7 @@ def base(tmp_path_factory):
 
 
 def _args(base, out, steps, *extra):
-    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--concept", "red", "--num_pairs", "4",
+    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--concept", "star", "--num_pairs", "4",
             "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--num_validation_images", "1",
             "--learning_rate", "1e-3", *extra]
 
@@ -60,3 +60,19 @@ def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
     assert retain[:2] == ["a blue circle", "a green square"] and len(retain) == 2 + 7  # + one per other colour
     assert log["config"]["retain_weight"] == 1.0 and not any(w in p.split() for p in retain for w in ("red", "scarlet"))
     assert read_adapter_metadata(out).hyperparameters["num_retain_prompts"] == 9
+
+
+def test_generated_pairs_never_swap_in_another_erased_concept():
+    """Several concepts of one kind: the safe prompts use only values not erased in the run; one concept: all others."""
+    args = train_svare.parse_args(["--output_dir", "x", "--concept", "triangle", "--concept", "circle",
+                                   "--concept", "star", "--num_pairs", "12", "--pair_wording", "balanced"])
+    pairs, concepts = train_svare.resolve_pairs(args)
+    assert concepts == ["triangle", "circle", "star"] and len(pairs) == 36
+    assert train_svare.replacements_for("triangle", args.concept, []) == ["square", "heart", "cross", "crescent",
+                                                                          "diamond"]
+    for pair in pairs:
+        safe = pair.safe.lower()
+        assert "circle" not in safe and "disc" not in safe and "round shape" not in safe, pair
+        assert "triangle" not in safe and "triangular" not in safe and "star" not in safe, pair
+    assert train_svare.replacements_for("star", ["star"], []) is not None
+    assert train_svare.replacements_for("star", ["star"], ["heart", "star"]) == ["heart"]
