@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
     p.add_argument("--num_train_scales", type=int, default=None, help="train only the first K scales")
+    p.add_argument("--first_erase_scale", type=int, default=1,
+                   help="extension beyond the paper (default 1: off): the erase loss counts only scales >= this "
+                        "(1-based); the preservation loss keeps every trained scale")
     p.add_argument("--retain_prompts_per_concept", type=int, default=0,
                    help="extension beyond the paper (default 0: off, the paper's L_Pre on the pairs' safe prompts "
                         "only): also preserve this many training captions of every other concept of the erased "
@@ -166,6 +169,7 @@ def erasure_config(args) -> ErasureConfig:
         method=args.method, learning_rate=args.learning_rate, max_train_steps=args.max_train_steps,
         train_batch_size=args.train_batch_size, update=args.update, token_threshold=args.token_threshold,
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
+        first_erase_scale=args.first_erase_scale,
         retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
         preservation_teacher=args.preservation_teacher, retain_teacher=args.retain_teacher,
         cond_drop_rate=args.cond_drop_rate, uncond_preservation_weight=args.uncond_preservation_weight,

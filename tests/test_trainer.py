@@ -194,3 +194,23 @@ def test_unconditional_preservation_keeps_the_unconditional_branch(anchors):
     assert expected > 1e-6 and with_u == pytest.approx(without + expected, rel=1e-4)
     with pytest.raises(ValueError, match="uncond_preservation_weight"):
         ErasureConfig(uncond_preservation_weight=-1.0)
+
+
+def test_first_erase_scale_erases_only_the_later_scales(anchors):
+    """Extension: with first_erase_scale = k the erase loss is the reference's on the tokens of scales >= k only."""
+    from var_erase.erasure.losses import filtered_cross_entropy
+
+    plain = _trainer(anchors, cond_drop_rate=0.0)
+    later = _trainer(anchors, cond_drop_rate=0.0, first_erase_scale=2)
+    assert plain.erase_token_weight is None
+    first = plain.schedule.grids[0][0] * plain.schedule.grids[0][1]
+    weight = later.erase_token_weight
+    assert weight.shape == (plain.schedule.total_tokens,) and weight[:first].eq(0).all()
+    assert weight[first:].eq(1.0 / plain.schedule.total_tokens).all()
+    batch = later._anchor_batch(anchors.rows_for(PAIRS[0].safe)[:1])
+    loss, _ = later.erase_loss([PAIRS[0]], batch)
+    logits = later._logits(batch["inputs"], [PAIRS[0].unsafe])
+    expected = filtered_cross_entropy(logits, batch["bits"], token_weight_L=weight).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="first_erase_scale"):
+        ErasureConfig(num_train_scales=3, first_erase_scale=4)

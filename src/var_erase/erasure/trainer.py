@@ -79,6 +79,13 @@ class ErasureTrainer:
         self.schedule = anchors.schedule
         if config.num_train_scales is not None:
             self.schedule = anchors.schedule.truncated(min(config.num_train_scales, anchors.schedule.num_scales))
+        self.erase_token_weight = None  # extension: erase only scales >= first_erase_scale (weights 1/L, else 0)
+        if config.first_erase_scale > 1:
+            sizes = [h * w for h, w in self.schedule.grids]
+            skipped = sum(sizes[: config.first_erase_scale - 1])
+            weight = torch.full((sum(sizes),), 1.0 / sum(sizes))
+            weight[:skipped] = 0.0
+            self.erase_token_weight = weight
         self.text = self._encode_prompts()
         self.transformer = self._prepare_trainable(pipe.transformer, gradient_checkpointing)
         self.optimizer = self._optimizer()
@@ -204,7 +211,8 @@ class ErasureTrainer:
         cfg, unsafe = self.config, [p.unsafe for p in pairs]
         if cfg.method in ("svare", "fce"):
             out = L.filtered_cross_entropy(self._logits(anchor["inputs"], unsafe), anchor["bits"], cfg.bit_threshold,
-                                           cfg.token_threshold, cfg.comparison, cfg.normalize)
+                                           cfg.token_threshold, cfg.comparison, cfg.normalize,
+                                           token_weight_L=self.erase_token_weight)
             return out.loss, {"kept": out.kept_ratio.item(), "bit_err": out.bit_error_rate.item()}
         if cfg.method == "vare":
             return L.vare_basic_loss(self._logits(anchor["inputs"], unsafe), anchor["cond_logits"]), {}
