@@ -32,6 +32,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--prompts_per_concept", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_paraphrase", action="store_true")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="strength of every adapter at inference")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     for c in args.target_concept:
@@ -47,8 +48,11 @@ def main(argv=None) -> list[dict]:
     for adapter in ([None] if args.base else []) + args.lora:
         if adapter is not None:
             pipe.load_lora_weights(adapter, adapter_name="evaluated")
+            if args.lora_scale != 1.0:
+                pipe.set_adapters(["evaluated"], adapter_weights=[args.lora_scale])
         main_ = concept_accuracy(pipe, oracle, rows, args.target_concept, **kwargs)
-        out = {"model": adapter or "base", "targets": args.target_concept, "acc_e": main_["acc_e"],
+        out = {"model": adapter or "base", "lora_scale": args.lora_scale if adapter else None,
+               "targets": args.target_concept, "acc_e": main_["acc_e"],
                "acc_i": main_["acc_i"], "per_concept": main_["per_concept"], "n_images": main_["n_images"]}
         if not args.no_paraphrase:
             para_ = concept_accuracy(pipe, oracle, para, args.target_concept, **kwargs)
