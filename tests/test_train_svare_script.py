@@ -23,7 +23,7 @@ def base(tmp_path_factory):
 
 
 def _args(base, out, steps, *extra):
-    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--concept", "star", "--num_pairs", "4",
+    return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--concept", "red", "--num_pairs", "4",
             "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--num_validation_images", "1",
             "--learning_rate", "1e-3", *extra]
 
