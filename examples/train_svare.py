@@ -45,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON/CSV of unsafe/safe pairs (keys original_prompt/modified_prompt or unsafe_prompt/"
                         "safe_prompt); repeatable")
     p.add_argument("--num_pairs", type=int, default=50, help="pairs generated per named concept (the paper: 50)")
+    p.add_argument("--replacement", action="append", default=[],
+                   help="generated pairs (toy world): swap the concept only for these values of its kind in the "
+                        "safe prompts (repeatable; default: every other value)")
+    p.add_argument("--pair_wording", choices=["random", "balanced"], default="random",
+                   help="generated pairs (toy world): word the concept with random synonyms / templates, or cycle "
+                        "every (template, synonym) combination evenly")
     p.add_argument("--method", choices=METHODS, default="svare")
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--lora_alpha", type=float, default=None, help="default: --rank")
@@ -63,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
     p.add_argument("--num_train_scales", type=int, default=None, help="train only the first K scales")
+    p.add_argument("--first_erase_scale", type=int, default=1,
+                   help="extension beyond the paper (default 1: off): the erase loss counts only scales >= this "
+                        "(1-based); the preservation loss keeps every trained scale")
     p.add_argument("--retain_prompts_per_concept", type=int, default=0,
                    help="extension beyond the paper (default 0: off, the paper's L_Pre on the pairs' safe prompts "
                         "only): also preserve this many training captions of every other concept of the erased "
@@ -78,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the paper, its conditional logits")
     p.add_argument("--retain_teacher", choices=["guided", "conditional"], default="conditional",
                    help="teacher of the retain KL (extension; default: conditional)")
+    p.add_argument("--uncond_preservation_weight", type=float, default=0.0,
+                   help="extension beyond the paper (default 0: off): also keep the frozen model's unconditional "
+                        "branch (KL along the anchors), which guidance multiplies by 1 - g")
+    p.add_argument("--cond_drop_rate", type=float, default=0.1,
+                   help="share of training samples whose text is replaced by the unconditional embedding (the "
+                        "reference: 0.1, in both steps)")
     p.add_argument("--anchors_per_prompt", type=int, default=1)
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
@@ -113,9 +128,24 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
         except (KeyError, ValueError) as err:
             raise SystemExit(f"--concept {name!r} is not a concept of the toy world ({err}). For another concept, "
                              f"pass --prompt_pairs FILE with its unsafe/safe pairs.") from err
-        generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train")
+        generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train",
+                                                balanced=args.pair_wording == "balanced",
+                                                replacements=replacements_for(name, args.concept, args.replacement))
         pairs += [PromptPair(g.unsafe, g.safe, g.concept) for g in generated]
     return list(dict.fromkeys(pairs)), args.concept
+
+
+def replacements_for(name: str, concepts: list[str], asked: list[str]) -> list[str] | None:
+    """The values a generated pair may swap ``name`` for: ``asked`` (``--replacement``) if given, else every value of
+    its kind that is not erased in the same run (so that one concept's safe prompts never ask for another erased
+    concept, which its own erase step pushes away while the preservation step holds it); ``None`` = every other."""
+    from var_erase.toy.concepts import concept_names, get_concept
+
+    if asked:
+        return [r for r in asked if get_concept(r).name != get_concept(name).name] or None
+    erased = {get_concept(c).name for c in concepts}
+    kept = [c for c in concept_names(get_concept(name).kind) if c not in erased]
+    return kept or None
 
 
 def resolve_retain_prompts(args, concepts: list[str]) -> list[str]:
@@ -142,8 +172,10 @@ def erasure_config(args) -> ErasureConfig:
         method=args.method, learning_rate=args.learning_rate, max_train_steps=args.max_train_steps,
         train_batch_size=args.train_batch_size, update=args.update, token_threshold=args.token_threshold,
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
+        first_erase_scale=args.first_erase_scale,
         retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
         preservation_teacher=args.preservation_teacher, retain_teacher=args.retain_teacher,
+        cond_drop_rate=args.cond_drop_rate, uncond_preservation_weight=args.uncond_preservation_weight,
         lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
         lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,
     )

@@ -13,6 +13,7 @@ from var_erase.toy.captions import (
     caption_for_concept_prompts,
     caption_scene,
     concept_prompts,
+    concept_wordings,
     evaluation_prompts,
     fill_template,
     retain_prompts,
@@ -150,6 +151,28 @@ def test_pairs_are_deterministic_from_the_seed_and_respect_replacements():
     pairs = caption_for_concept_prompts("star", 10, seed=0, replacements=["heart"])
     assert {p.replacement for p in pairs} == {"heart"}
     assert concept_prompts("star", 10, seed=0) == [p.unsafe for p in caption_for_concept_prompts("star", 10, seed=0)]
+
+
+@pytest.mark.parametrize("name,split", [("outlined", "train"), ("star", "train"), ("red", "train"),
+                                        ("triangle", "heldout_paraphrase")])
+def test_balanced_pairs_cycle_every_template_and_synonym_evenly(name, split):
+    concept = get_concept(name)
+    combos = concept_wordings(name, split)
+    words = concept.heldout if split == "heldout_paraphrase" else concept.words
+    assert {w for _, form, j in combos for w in [words[form][j]]} == {w for ws in words.values() for w in ws}
+    n = 2 * len(combos)
+    pairs = caption_for_concept_prompts(name, n, seed=3, split=split, balanced=True)
+    plain = caption_for_concept_prompts(name, n, seed=3, split=split)
+    assert [p.replacement for p in pairs] == [p.replacement for p in plain]  # same scenes and replacements
+    all_words = sorted({w for ws in words.values() for w in ws}, key=len, reverse=True)
+    used = [next(w for w in all_words if mentions(p.unsafe, w)) for p in pairs]
+    for word in all_words:  # every combination twice: a word's count is twice the number of its combinations
+        assert used.count(word) == 2 * sum(words[form][j] == word for _, form, j in combos), (word, used)
+    for pair in pairs:  # still a clean swap of the concept alone
+        replacement = get_concept(pair.replacement)
+        twin_words = replacement.heldout_paraphrases if split == "heldout_paraphrase" else replacement.training_words
+        assert not mentions_any(pair.safe, all_words) and mentions_any(pair.safe, twin_words), pair
+    assert caption_for_concept_prompts(name, 5, seed=3, split=split, balanced=True) == pairs[:5]
 
 
 def test_heldout_paraphrase_pairs_word_the_concept_with_heldout_phrases():

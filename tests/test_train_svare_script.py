@@ -94,3 +94,19 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+
+
+def test_generated_pairs_never_swap_in_another_erased_concept():
+    """Several concepts of one kind: the safe prompts use only values not erased in the run; one concept: all others."""
+    args = train_svare.parse_args(["--output_dir", "x", "--concept", "triangle", "--concept", "circle",
+                                   "--concept", "star", "--num_pairs", "12", "--pair_wording", "balanced"])
+    pairs, concepts = train_svare.resolve_pairs(args)
+    assert concepts == ["triangle", "circle", "star"] and len(pairs) == 36
+    assert train_svare.replacements_for("triangle", args.concept, []) == ["square", "heart", "cross", "crescent",
+                                                                          "diamond"]
+    for pair in pairs:
+        safe = pair.safe.lower()
+        assert "circle" not in safe and "disc" not in safe and "round shape" not in safe, pair
+        assert "triangle" not in safe and "triangular" not in safe and "star" not in safe, pair
+    assert train_svare.replacements_for("star", ["star"], []) is not None
+    assert train_svare.replacements_for("star", ["star"], ["heart", "star"]) == ["heart"]

@@ -194,3 +194,48 @@ def test_a_multi_process_launch_accelerate_does_not_see_is_refused(anchors, monk
     monkeypatch.setenv("WORLD_SIZE", "2")  # e.g. torchrun on CPUs without ACCELERATE_USE_CPU=1
     with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU"):
         _trainer(anchors)
+
+
+def test_unconditional_preservation_keeps_the_unconditional_branch(anchors):
+    """Extension: w * KL(frozen unconditional || student unconditional) on the anchors; 0 while the LoRA is a no-op."""
+    from var_erase.erasure.losses import preservation_kl
+
+    rows = anchors.rows_for(PAIRS[0].safe)[:1]
+    trainer = _trainer(anchors, cond_drop_rate=0.0, preservation_teacher="conditional", uncond_preservation_weight=2.0)
+    batch = trainer._anchor_batch(rows)
+    assert trainer.preserve_loss([PAIRS[0]], batch).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():  # move the adapter off zero
+        for name, param in trainer.transformer.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    with_u = trainer.preserve_loss([PAIRS[0]], batch).item()
+    trainer.config.uncond_preservation_weight = 0.0
+    without = trainer.preserve_loss([PAIRS[0]], batch).item()
+    states, mask = trainer._text_batch([PAIRS[0].safe])
+    uncond = trainer.transformer.unconditional_states(1, states.shape[1]).to(states)
+    with torch.no_grad():
+        student = trainer.transformer(batch["inputs"], uncond, mask, schedule=trainer.schedule).sample.float()
+    expected = 2.0 * preservation_kl(student, trainer._frozen_logits(batch["inputs"], uncond, mask)).item()
+    assert expected > 1e-6 and with_u == pytest.approx(without + expected, rel=1e-4)
+    with pytest.raises(ValueError, match="uncond_preservation_weight"):
+        ErasureConfig(uncond_preservation_weight=-1.0)
+
+
+def test_first_erase_scale_erases_only_the_later_scales(anchors):
+    """Extension: with first_erase_scale = k the erase loss is the reference's on the tokens of scales >= k only."""
+    from var_erase.erasure.losses import filtered_cross_entropy
+
+    plain = _trainer(anchors, cond_drop_rate=0.0)
+    later = _trainer(anchors, cond_drop_rate=0.0, first_erase_scale=2)
+    assert plain.erase_token_weight is None
+    first = plain.schedule.grids[0][0] * plain.schedule.grids[0][1]
+    weight = later.erase_token_weight
+    assert weight.shape == (plain.schedule.total_tokens,) and weight[:first].eq(0).all()
+    assert weight[first:].eq(1.0 / plain.schedule.total_tokens).all()
+    batch = later._anchor_batch(anchors.rows_for(PAIRS[0].safe)[:1])
+    loss, _ = later.erase_loss([PAIRS[0]], batch)
+    logits = later._logits(batch["inputs"], [PAIRS[0].unsafe])
+    expected = filtered_cross_entropy(logits, batch["bits"], token_weight_L=weight).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="first_erase_scale"):
+        ErasureConfig(num_train_scales=3, first_erase_scale=4)

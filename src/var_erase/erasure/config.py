@@ -96,6 +96,9 @@ class ErasureConfig:
         kl_reduction: ``"code"`` (mean over the 2d entries, ½ of the per-bit KL) or ``"paper"`` (full per-bit KL).
         negative_guidance: eta of ESD (method ``esd`` only).
         num_train_scales: train on the first N scales only; ``None`` = all (the code's ``always_training_scales=100``).
+        first_erase_scale: an extension beyond the paper (default 1: off): the erase loss counts only the tokens of
+            scales ``>= first_erase_scale`` (1-based; still weighted ``1 / L`` as the reference), the preservation
+            loss every trained scale, so the coarse scales that every prompt shares are only preserved.
         retain_weight / retain_batch_size: the optional retain set, **an extension beyond the paper** (its L_Pre uses
             only the pairs' own neutral prompts, research/paper.md §1.4; no retain set). When the trainer is given
             ``retain_prompts`` (e.g. captions of the other concepts of the target's kind), each preserve step adds
@@ -109,6 +112,11 @@ class ErasureConfig:
         retain_teacher: the same choice for the retain prompts; ``"conditional"`` by default, since the retain set is
             not the paper's (distilling guidance into the conditional branch moves a prompt's guided samples away
             from the base model's, the opposite of retaining it).
+        uncond_preservation_weight: an extension beyond the paper (default 0: off). Each preserve step adds
+            ``w * KL(frozen unconditional || student unconditional)`` along the same anchors: the LoRA also acts on
+            the unconditional branch (the learned empty-text embedding goes through the same cross-attention and
+            FFN), which guidance weights by ``1 - g`` (-3 at g = 4) in every prompt's logits, and nothing else keeps
+            it in place (with ``cond_drop_rate`` > 0 the erase step even pulls it towards the safe anchors).
 
     Optimisation:
         update: ``"alternating"`` (code: per iteration, a backward + optimizer step on L_FCE, then another on
@@ -140,10 +148,12 @@ class ErasureConfig:
     kl_reduction: str = "code"
     negative_guidance: float = 1.0
     num_train_scales: int | None = None
+    first_erase_scale: int = 1
     retain_weight: float | None = None
     retain_batch_size: int | None = None
     preservation_teacher: str = "guided"
     retain_teacher: str = "conditional"
+    uncond_preservation_weight: float = 0.0
     # 2. optimisation
     update: str = "alternating"
     learning_rate: float | None = None
@@ -234,12 +244,16 @@ class ErasureConfig:
         check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")
         check("token_threshold", lambda v: _number(v) and 0 <= v <= 1, "a share of bits in [0, 1] (alpha)")
         check("preservation_weight", lambda v: _number(v) and v >= 0, "a number >= 0 (lambda on L_Pre)")
+        check("uncond_preservation_weight", lambda v: _number(v) and v >= 0, "a number >= 0 (0: off, the paper)")
         check("negative_guidance", lambda v: _number(v) and math.isfinite(v), "a finite number (ESD's eta)")
         check("retain_weight", lambda v: v is None or (_number(v) and v >= 0),
               "None (= preservation_weight) or a number >= 0")
         check("retain_batch_size", lambda v: v is None or _integer(v, 1),
               "None (= train_batch_size) or an integer >= 1")
         check("num_train_scales", lambda v: v is None or _integer(v, 1), "None (all scales) or an integer >= 1")
+        check("first_erase_scale", lambda v: _integer(v, 1) and (self.num_train_scales is None
+                                                                  or v <= self.num_train_scales),
+              "an integer >= 1 (1: every trained scale) and <= num_train_scales")
         check("learning_rate", lambda v: v is None or (_number(v) and v > 0), "None (the default) or a number > 0")
         check("max_train_steps", lambda v: _integer(v, 1), "an integer >= 1")
         check("train_batch_size", lambda v: _integer(v, 1), "an integer >= 1")

@@ -81,6 +81,13 @@ class ErasureTrainer:
         self.schedule = anchors.schedule
         if config.num_train_scales is not None:
             self.schedule = anchors.schedule.truncated(min(config.num_train_scales, anchors.schedule.num_scales))
+        self.erase_token_weight = None  # extension: erase only scales >= first_erase_scale (weights 1/L, else 0)
+        if config.first_erase_scale > 1:
+            sizes = [h * w for h, w in self.schedule.grids]
+            skipped = sum(sizes[: config.first_erase_scale - 1])
+            weight = torch.full((sum(sizes),), 1.0 / sum(sizes))
+            weight[:skipped] = 0.0
+            self.erase_token_weight = weight
         self.text = self._encode_prompts()
         self.transformer = self._prepare_trainable(pipe.transformer, gradient_checkpointing)
         self.optimizer = self._optimizer()
@@ -230,8 +237,8 @@ class ErasureTrainer:
         ids = {"sample_ids": sample_ids, "salt": 1}
         if cfg.method in ("svare", "fce"):
             out = L.filtered_cross_entropy(self._logits(anchor["inputs"], unsafe, **ids), anchor["bits"],
-                                           cfg.bit_threshold,
-                                           cfg.token_threshold, cfg.comparison, cfg.normalize)
+                                           cfg.bit_threshold, cfg.token_threshold, cfg.comparison, cfg.normalize,
+                                           token_weight_L=self.erase_token_weight)
             return out.loss, {"kept": out.kept_ratio.item(), "bit_err": out.bit_error_rate.item()}
         if cfg.method == "vare":
             return L.vare_basic_loss(self._logits(anchor["inputs"], unsafe, **ids), anchor["cond_logits"]), {}
@@ -257,6 +264,14 @@ class ErasureTrainer:
         student = self._logits(anchor["inputs"], [p.safe for p in pairs], sample_ids=sample_ids, salt=2)
         loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
                                                            reduction_code=code)
+        if cfg.uncond_preservation_weight > 0:  # extension: keep the unconditional branch (see ErasureConfig)
+            states, mask = self._text_batch([p.safe for p in pairs])
+            uncond = self.transformer.unconditional_states(len(pairs), states.shape[1]).to(states)
+            teacher_u = self._frozen_logits(anchor["inputs"], uncond, mask)
+            student_u = self.model(anchor["inputs"], uncond, mask, schedule=self.schedule,
+                                   cond_drop_prob=0.0).sample.float()
+            loss = loss + cfg.uncond_preservation_weight * L.preservation_kl(student_u, teacher_u,
+                                                                              reduction_code=code)
         if retain is not None and retain[0]:
             prompts, retain_anchor = retain
             student = self._logits(retain_anchor["inputs"], prompts, sample_ids=retain_ids, salt=3)

@@ -334,6 +334,7 @@ def caption_for_concept_prompts(
     replacements: Sequence[str] | None = None,
     p_two_objects: float = 0.0,
     background_prob: float = 0.3,
+    balanced: bool = False,
 ) -> list[ConceptPromptPair]:
     """``n`` prompts that ask for ``concept``, each with its safe twin; deterministic from ``seed``.
 
@@ -341,21 +342,70 @@ def caption_for_concept_prompts(
     striped circle on a black background"); the safe twin swaps the concept for another value of its kind drawn from
     ``replacements`` (default: every other value) and keeps every other word. With ``split="heldout_paraphrase"`` the
     concept (and its replacement) is worded with held-out paraphrases — for evaluation, never for training.
+
+    ``balanced=True`` words the concept evenly: the prompts cycle through every (object template, word of the
+    concept) combination of the split (:func:`concept_wordings`), so each synonym and template gets ``n / combos``
+    prompts (+- 1) instead of a random share (the canonical word half the time, and e.g. "outlined" in 5 of 50
+    prompts, seed 0). Scenes, replacements and every other word are drawn exactly as without it.
     """
     target = get_concept(concept)
     rng = np.random.default_rng(seed)
     paraphrase = lambda c: split == "heldout_paraphrase" and c.kind == target.kind  # noqa: E731
+    wordings = concept_wordings(target, split) if balanced else []
+    order = np.random.default_rng(seed + 7_919).permutation(len(wordings)) if balanced else []
     pairs = []
-    for _ in range(n):
+    for i in range(n):
         n_objects = 2 if rng.random() < p_two_objects else 1
         scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
         plan = plan_caption(scene, rng, split=split, always=("colour", "style"), size_prob=0.1, position_prob=0.1,
                             background_prob=background_prob)
+        if balanced:
+            plan = _with_wording(plan, scene, target, wordings[order[i % len(wordings)]])
         other = _replacement(rng, target, scene, replacements)
         safe_scene = swap_concept(scene, target, other)
         unsafe, safe = realise_caption(plan, scene, paraphrase), realise_caption(plan, safe_scene, paraphrase)
         pairs.append(ConceptPromptPair(unsafe, safe, target.name, other))
     return pairs
+
+
+def concept_wordings(concept: str | Concept, split: str = "train") -> list[tuple[str, str, int]]:
+    """Every way the object templates of ``split`` can word ``concept``: ``(template, form, word index)``, where
+    ``form`` is the concept's word form the template uses (``"noun"`` for shapes, ``"adj"`` or ``"post"`` for styles,
+    ``"adj"`` for colours) and the index points into ``concept.words[form]`` (``concept.heldout[form]`` for the
+    ``"heldout_paraphrase"`` split)."""
+    target = get_concept(concept)
+    words = target.heldout if split == "heldout_paraphrase" else target.words
+    out = []
+    for template in OBJECT_TEMPLATES[_template_split(split)]:
+        slots = set(_SLOT.findall(template))
+        if target.kind == "shape":
+            forms = ["noun"]
+        elif target.kind == "colour":
+            forms = ["adj"] if "colour" in slots else []
+        else:
+            forms = [f for f, slot in (("adj", "style"), ("post", "style_post")) if slot in slots]
+        out += [(template, form, j) for form in forms for j in range(len(words[form]))]
+    return out
+
+
+def _word_pick(index: int, n_words: int, paraphrase: bool) -> float:
+    """The draw ``u`` for which :func:`_concept_word` returns word ``index`` of ``n_words``."""
+    if paraphrase or n_words == 1:
+        return (index + 0.5) / n_words
+    return 0.25 if index == 0 else 0.5 + (index - 0.5) / (2 * (n_words - 1))
+
+
+def _with_wording(plan: CaptionPlan, scene: Scene, target: Concept, wording: tuple[str, str, int]) -> CaptionPlan:
+    """``plan`` with every object that shows ``target`` worded by ``wording`` (template and word)."""
+    template, form, index = wording
+    paraphrase = plan.split == "heldout_paraphrase"
+    n_words = len((target.heldout if paraphrase else target.words)[form])
+    templates, picks = list(plan.object_templates), dict(plan.picks)
+    for p, obj_index in enumerate(plan.object_order):
+        if scene.objects[obj_index].value(target.kind) == target.name:
+            templates[p] = template
+            picks[f"{p}.{target.kind}"] = _word_pick(index, n_words, paraphrase)
+    return replace(plan, object_templates=tuple(templates), picks=picks)
 
 
 def concept_prompts(concept: str | Concept, n: int = 64, seed: int = 0, *, split: str = "train", **kwargs) -> list[str]:
