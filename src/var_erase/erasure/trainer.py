@@ -57,7 +57,12 @@ class ErasureTrainer:
         pairs: unsafe -> safe prompt pairs.
         anchors: auxiliary visual tokens of the safe prompts (:func:`~var_erase.erasure.anchors.sample_anchors`).
         accelerator: an ``accelerate.Accelerator`` (mixed precision, devices, distributed); a default one if None.
-        seed: seeds the batch order and the anchor choice (resumable: batches depend only on ``(seed, step)``).
+        seed: seeds the batch order, the anchor choice and the condition dropout (resumable, and the same for any
+            split of the global batch over processes and accumulation steps: they depend only on ``(seed, step)``
+            and the global sample index).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        gradient_checkpointing: False, True / ``"full"`` (recompute whole blocks in the backward, the reference's) or
+            ``"selective"`` (recompute them except the attention kernels; see :func:`checkpoint_function`).
         retain_prompts: optional prompts to preserve besides the pairs' safe prompts (not in the paper: an explicit
             extension); ``anchors`` must hold their trajectories too. Only for methods with a preservation loss.
     """
