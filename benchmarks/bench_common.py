@@ -197,6 +197,15 @@ def set_backend_flags(tf32: bool, cudnn_benchmark: bool) -> None:
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
 
 
+def add_diagnostic_args(p, profiled: str) -> None:
+    """``--sdpa_backends`` and ``--profile_dir`` (``profiled``: what is profiled and where its table goes)."""
+    p.add_argument("--sdpa_backends", nargs="+", choices=SDPA_BACKENDS, default=None,
+                   help="restrict scaled_dot_product_attention to these backends in this order (default: PyTorch's)")
+    p.add_argument("--profile_dir", default=None,
+                   help=f"after timing, profile {profiled} with torch.profiler (the report gets a summary by kernel "
+                        "class)")
+
+
 @contextmanager
 def sdpa_backends(names: list[str] | None) -> Iterator[None]:
     """Restrict ``scaled_dot_product_attention`` to these backends, tried in this order (None: PyTorch's choice)."""

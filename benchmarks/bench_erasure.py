@@ -45,7 +45,7 @@ import torch
 from bench_common import (
     CONFIGS,
     DTYPES,
-    SDPA_BACKENDS,
+    add_diagnostic_args,
     build_pipeline,
     count_parameters,
     emit,
@@ -96,11 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None, help="also write the JSON here")
-    p.add_argument("--sdpa_backends", nargs="+", choices=SDPA_BACKENDS, default=None,
-                   help="restrict scaled_dot_product_attention to these backends in this order (default: PyTorch's)")
-    p.add_argument("--profile_dir", default=None,
-                   help="after timing, profile one more iteration with torch.profiler and write its operator table to "
-                        "DIR/erasure_<lora|full>.txt (the report gets a summary by kernel class)")
+    add_diagnostic_args(p, "one more iteration and write its operator table to DIR/erasure_<lora|full>.txt")
     args = p.parse_args(argv)
     if args.warmup < 1 or args.iters < 1:
         p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")

@@ -42,8 +42,8 @@ import torch
 from bench_common import (
     CONFIGS,
     DTYPES,
-    SDPA_BACKENDS,
     StageTimer,
+    add_diagnostic_args,
     build_pipeline,
     count_parameters,
     emit,
@@ -96,11 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_json", default=None, help="also write the JSON here")
-    p.add_argument("--sdpa_backends", nargs="+", choices=SDPA_BACKENDS, default=None,
-                   help="restrict scaled_dot_product_attention to these backends in this order (default: PyTorch's)")
-    p.add_argument("--profile_dir", default=None,
-                   help="after timing, profile one more generation per batch size with torch.profiler and write its "
-                        "operator table to DIR/sampling_b<B>.txt (the report gets a summary by kernel class)")
+    add_diagnostic_args(p, "one more generation per batch size and write its operator table to DIR/sampling_b<B>.txt")
     args = p.parse_args(argv)
     if args.warmup < 0 or args.iters < 1 or any(b < 1 for b in args.batch_sizes):
         p.error("--warmup must be >= 0, --iters >= 1 and every batch size >= 1")
