@@ -153,9 +153,10 @@ def resolve_retain_prompts(args, concepts: list[str]) -> list[str]:
     prompts: list[str] = []
     for path in args.retain_prompts:
         with open(path, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
-        if not prompts:
+            lines = [line.strip() for line in f if line.strip()]
+        if not lines:
             raise SystemExit(f"--retain_prompts {path}: no prompts in the file (one prompt per line)")
+        prompts += lines
     if args.retain_prompts_per_concept > 0:
         if args.prompt_pairs:
             raise SystemExit("--retain_prompts_per_concept writes toy-world captions for named --concept s; with "
