@@ -162,34 +162,27 @@ class ErasureTrainer:
     def batch_indices(self, step: int) -> tuple[list[int], list[int]]:
         """Pair indices and anchor rows of iteration ``step``: epochs of shuffled pairs (drop_last), as the
         reference's DataLoader; a function of ``(seed, step)`` only, so a resumed run sees the same batches."""
-        n, b = len(self.pairs), self.config.train_batch_size
-        per_epoch = max(1, n // b)
-        epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        pair_ids = [int(order[(position * b + i) % n]) for i in range(b)]
-        g = torch.Generator().manual_seed(self.seed * 7_919 + step)
-        rows = []
-        for i in pair_ids:
-            candidates = self.anchors.rows_for(self.pairs[i].safe)
-            rows.append(candidates[int(torch.randint(len(candidates), (1,), generator=g))])
-        return pair_ids, rows
+        pair_ids = _shuffled_batch(len(self.pairs), self.config.train_batch_size, step, self.seed * 1_000_003)
+        return pair_ids, self._anchor_rows([self.pairs[i].safe for i in pair_ids], self.seed * 7_919 + step)
 
     def retain_batch(self, step: int) -> tuple[list[str], list[int]]:
         """Retain prompts and anchor rows of iteration ``step`` (empty without retain prompts): epochs of shuffled
         retain prompts, a function of ``(seed, step)`` only, like :meth:`batch_indices`."""
         if not self.retain_prompts:
             return [], []
-        n, b = len(self.retain_prompts), self.config.effective_retain_batch_size
-        per_epoch = max(1, n // b)
-        epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_033 + epoch + 17))
-        prompts = [self.retain_prompts[int(order[(position * b + i) % n])] for i in range(b)]
-        g = torch.Generator().manual_seed(self.seed * 7_927 + step + 29)
+        ids = _shuffled_batch(len(self.retain_prompts), self.config.effective_retain_batch_size, step,
+                              self.seed * 1_000_033 + 17)
+        prompts = [self.retain_prompts[i] for i in ids]
+        return prompts, self._anchor_rows(prompts, self.seed * 7_927 + step + 29)
+
+    def _anchor_rows(self, prompts: list[str], seed: int) -> list[int]:
+        """One of each prompt's anchor rows, drawn with ``seed``."""
+        g = torch.Generator().manual_seed(seed)
         rows = []
         for prompt in prompts:
             candidates = self.anchors.rows_for(prompt)
             rows.append(candidates[int(torch.randint(len(candidates), (1,), generator=g))])
-        return prompts, rows
+        return rows
 
     def _text_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad the cached features of ``prompts`` to one (B, T, C) batch with its (B, T) mask."""
@@ -414,6 +407,15 @@ class ErasureTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
+
+
+def _shuffled_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of batch ``step`` over epochs of a shuffled ``range(n)`` (drop_last; epoch e shuffled with
+    ``seed + e``)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return [int(order[(position * batch_size + i) % n]) for i in range(batch_size)]
 
 
 def _check_launch(accelerator: Accelerator) -> None:
