@@ -7,6 +7,10 @@ Held-out-template rows and seeds are exactly those of ``examples/evaluate.py --t
 rows are ``N`` prompts per target worded with the target's held-out paraphrases (``split="heldout_paraphrase"``,
 prompt seed ``S + 2``, image seed ``S``). Every adapter is evaluated on its own (loaded, measured, removed).
 Prints one JSON line per model and writes them all to ``--output_json``.
+
+``--adapter_branch cond`` (``uncond``) applies every adapter to the conditional (unconditional) guidance branch only,
+the other branch running the base weights (``var_erase.evaluation.guidance_branches``): a diagnostic of which branch
+carries the erasure and which the collateral damage.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import nullcontext
 
 from var_erase import DEFAULT_MODEL
+from var_erase.evaluation.guidance_branches import BRANCHES, adapter_on_branch
 from var_erase.evaluation.toy_metrics import concept_accuracy, kind_evaluation_prompts
 from var_erase.pipelines.pipeline_var import VARPipeline
 from var_erase.toy.captions import evaluation_prompts
@@ -33,6 +39,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_paraphrase", action="store_true")
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of every adapter at inference")
+    p.add_argument("--adapter_branch", choices=BRANCHES, default="both",
+                   help="guidance branch(es) the adapters act on (diagnostic; default both, as in normal use)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     for c in args.target_concept:
@@ -50,15 +58,10 @@ def main(argv=None) -> list[dict]:
             pipe.load_lora_weights(adapter, adapter_name="evaluated")
             if args.lora_scale != 1.0:
                 pipe.set_adapters(["evaluated"], adapter_weights=[args.lora_scale])
-        main_ = concept_accuracy(pipe, oracle, rows, args.target_concept, **kwargs)
+        with adapter_on_branch(pipe.transformer, "evaluated", args.adapter_branch) if adapter else nullcontext():
+            out = _measure(pipe, oracle, rows, para, args, **kwargs)
         out = {"model": adapter or "base", "lora_scale": args.lora_scale if adapter else None,
-               "targets": args.target_concept, "acc_e": main_["acc_e"],
-               "acc_i": main_["acc_i"], "per_concept": main_["per_concept"], "n_images": main_["n_images"]}
-        if not args.no_paraphrase:
-            para_ = concept_accuracy(pipe, oracle, para, args.target_concept, **kwargs)
-            out["acc_e_para"] = para_["acc_e"]
-            out["per_concept_para"] = para_["per_concept"]
-            out["n_images"] += para_["n_images"]
+               "adapter_branch": args.adapter_branch if adapter else None} | out
         if adapter is not None:
             pipe.delete_adapters("evaluated")
         print(json.dumps(out), flush=True)
@@ -68,6 +71,18 @@ def main(argv=None) -> list[dict]:
         with open(args.output_json, "w") as f:
             json.dump({"settings": vars(args), "results": results}, f, indent=2)
     return results
+
+
+def _measure(pipe, oracle, rows, para, args, **kwargs) -> dict:
+    main_ = concept_accuracy(pipe, oracle, rows, args.target_concept, **kwargs)
+    out = {"targets": args.target_concept, "acc_e": main_["acc_e"], "acc_i": main_["acc_i"],
+           "per_concept": main_["per_concept"], "n_images": main_["n_images"]}
+    if not args.no_paraphrase:
+        para_ = concept_accuracy(pipe, oracle, para, args.target_concept, **kwargs)
+        out["acc_e_para"] = para_["acc_e"]
+        out["per_concept_para"] = para_["per_concept"]
+        out["n_images"] += para_["n_images"]
+    return out
 
 
 if __name__ == "__main__":
