@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preservation_teacher", choices=["guided", "conditional"], default="guided",
                    help="teacher of the preservation KL: the frozen model's guided logits (the reference) or, beyond "
                         "the paper, its conditional logits")
+    p.add_argument("--preservation_student", choices=["conditional", "guided"], default="conditional",
+                   help="student side of the preservation KL: the conditional logits (the reference) or, beyond the "
+                        "paper, the student's own guided logits (cond and uncond rows, the anchors' guidance)")
     p.add_argument("--retain_teacher", choices=["guided", "conditional"], default="conditional",
                    help="teacher of the retain KL (extension; default: conditional)")
     p.add_argument("--uncond_preservation_weight", type=float, default=0.0,
@@ -175,7 +178,8 @@ def erasure_config(args) -> ErasureConfig:
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
         first_erase_scale=args.first_erase_scale,
         retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
-        preservation_teacher=args.preservation_teacher, retain_teacher=args.retain_teacher,
+        preservation_teacher=args.preservation_teacher, preservation_student=args.preservation_student,
+        retain_teacher=args.retain_teacher,
         cond_drop_rate=args.cond_drop_rate, uncond_preservation_weight=args.uncond_preservation_weight,
         lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
         lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,

@@ -239,3 +239,33 @@ def test_first_erase_scale_erases_only_the_later_scales(anchors):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="first_erase_scale"):
         ErasureConfig(num_train_scales=3, first_erase_scale=4)
+
+
+def test_guided_student_compares_the_students_guided_logits_with_the_teacher(anchors):
+    """Extension: with preservation_student="guided" L_Pre is KL(guided teacher || g*cond + (1-g)*uncond of the
+    student); at initialisation (LoRA a no-op) the student's guided logits are the frozen model's, which the anchors
+    stored, so the KL is 0, and gradients reach the adapter through both rows."""
+    from var_erase.erasure.losses import preservation_kl
+    from var_erase.pipelines.sampling import guide_logits
+
+    rows = anchors.rows_for(PAIRS[0].safe)[:1]
+    trainer = _trainer(anchors, cond_drop_rate=0.0, preservation_student="guided")
+    batch = trainer._anchor_batch(rows)
+    assert trainer.preserve_loss([PAIRS[0]], batch).item() == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():  # move the adapter off zero
+        for name, param in trainer.transformer.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    loss = trainer.preserve_loss([PAIRS[0]], batch)
+    states, mask = trainer._text_batch([PAIRS[0].safe])
+    uncond = trainer.transformer.unconditional_states(1, states.shape[1]).to(states)
+    with torch.no_grad():
+        cond = trainer.transformer(batch["inputs"], states, mask, schedule=trainer.schedule).sample.float()
+        unc = trainer.transformer(batch["inputs"], uncond, mask, schedule=trainer.schedule).sample.float()
+    g = trainer.config.anchor_guidance_scale
+    expected = trainer.config.preservation_weight * preservation_kl(guide_logits(cond, unc, g), batch["logits"])
+    assert expected.item() > 1e-6 and loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.trainable_parameters())
+    with pytest.raises(ValueError, match="preservation_student must be one of"):
+        ErasureConfig(preservation_student="unconditional")

@@ -112,6 +112,14 @@ class ErasureConfig:
         retain_teacher: the same choice for the retain prompts; ``"conditional"`` by default, since the retain set is
             not the paper's (distilling guidance into the conditional branch moves a prompt's guided samples away
             from the base model's, the opposite of retaining it).
+        preservation_student: which student logits L_Pre compares with the teacher: ``"conditional"`` (the
+            reference: the plain conditional forward under the safe prompt) or ``"guided"`` (an option beyond the
+            paper: the student's own guided logits ``g * cond + (1 - g) * uncond`` at the anchors' guidance scale,
+            from one forward of ``[safe; unconditional]``, both with gradients). With the reference's guided
+            teacher, the guided student matches what is compared with what is sampled: at inference guidance is
+            applied on top of the adapted conditional *and* unconditional branches, so keeping the conditional
+            branch on the guided teacher (the reference) over-guides the safe prompts, while keeping the guided
+            output keeps their samples. Costs a second forward row per pair in the preservation step.
         uncond_preservation_weight: an extension beyond the paper (default 0: off). Each preserve step adds
             ``w * KL(frozen unconditional || student unconditional)`` along the same anchors: the LoRA also acts on
             the unconditional branch (the learned empty-text embedding goes through the same cross-attention and
@@ -152,6 +160,7 @@ class ErasureConfig:
     retain_weight: float | None = None
     retain_batch_size: int | None = None
     preservation_teacher: str = "guided"
+    preservation_student: str = "conditional"
     retain_teacher: str = "conditional"
     uncond_preservation_weight: float = 0.0
     # 2. optimisation
@@ -238,6 +247,7 @@ class ErasureConfig:
             ("kl_reduction", ("code", "paper")),
             ("update", ("alternating", "joint")),
             ("preservation_teacher", ("guided", "conditional")),
+            ("preservation_student", ("conditional", "guided")),
             ("retain_teacher", ("guided", "conditional")),
         ):
             check(name, lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")

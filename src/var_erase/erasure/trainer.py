@@ -36,6 +36,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..loaders.lora import adapters_disabled
+from ..pipelines.sampling import guide_logits
 from . import losses as L
 from .anchors import AnchorSet
 from .config import ErasureConfig
@@ -221,6 +222,18 @@ class ErasureTrainer:
             (self.seed * 1_000_003 + 4 * i + salt) % 2**63)) < rate) for i in sample_ids]
         return torch.tensor(flags, dtype=torch.bool, device=self.accelerator.device)
 
+    def _guided_logits(self, inputs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The student's guided logits along ``inputs``, as the sampler mixes them (``g * cond + (1 - g) * uncond``
+        at the anchors' guidance, divided by their temperature, as stored with the anchors): one forward of the
+        batch ``[prompts; unconditional]`` without condition dropout (the unconditional half is the dropped text)."""
+        cfg = self.config
+        states_BTC, mask_BT = self._text_batch(prompts)
+        uncond_BTC = self.transformer.unconditional_states(len(prompts), states_BTC.shape[1]).to(states_BTC)
+        logits_2BLV = self.model(torch.cat([inputs, inputs]), torch.cat([states_BTC, uncond_BTC]),
+                                 torch.cat([mask_BT, mask_BT]), schedule=self.schedule, cond_drop_prob=0.0
+                                 ).sample.float()
+        return guide_logits(*logits_2BLV.chunk(2), cfg.anchor_guidance_scale) / cfg.anchor_temperature
+
     @torch.no_grad()
     def _frozen_logits(self, inputs, states, mask) -> torch.Tensor:
         with adapters_disabled(self.transformer):
@@ -254,12 +267,17 @@ class ErasureTrainer:
     def preserve_loss(self, pairs: list[PromptPair], anchor: dict, retain: tuple[list[str], dict] | None = None,
                       sample_ids: list[int] | None = None, retain_ids: list[int] | None = None) -> torch.Tensor:
         """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori`` (the conditional
-        teacher with ``preservation_teacher="conditional"``); plus, with a retain batch ``(prompts, anchor batch)``,
+        teacher with ``preservation_teacher="conditional"``, the student's guided logits with
+        ``preservation_student="guided"``); plus, with a retain batch ``(prompts, anchor batch)``,
         ``retain_weight * KL`` on the retain prompts (an extension; teacher ``retain_teacher``)."""
         cfg = self.config
         code = cfg.kl_reduction == "code"
         teacher = {"guided": "logits", "conditional": "cond_logits"}
-        student = self._logits(anchor["inputs"], [p.safe for p in pairs], sample_ids=sample_ids, salt=2)
+        safe = [p.safe for p in pairs]
+        if cfg.preservation_student == "guided":
+            student = self._guided_logits(anchor["inputs"], safe)
+        else:
+            student = self._logits(anchor["inputs"], safe, sample_ids=sample_ids, salt=2)
         loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
                                                            reduction_code=code)
         if cfg.uncond_preservation_weight > 0:  # extension: keep the unconditional branch (see ErasureConfig)
