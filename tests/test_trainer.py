@@ -196,6 +196,13 @@ def test_a_multi_process_launch_accelerate_does_not_see_is_refused(anchors, monk
         _trainer(anchors)
 
 
+def _move_adapter_off_zero(trainer) -> None:
+    with torch.no_grad():
+        for name, param in trainer.transformer.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+
+
 def test_unconditional_preservation_keeps_the_unconditional_branch(anchors):
     """Extension: w * KL(frozen unconditional || student unconditional) on the anchors; 0 while the LoRA is a no-op."""
     from var_erase.erasure.losses import preservation_kl
@@ -204,10 +211,7 @@ def test_unconditional_preservation_keeps_the_unconditional_branch(anchors):
     trainer = _trainer(anchors, cond_drop_rate=0.0, preservation_teacher="conditional", uncond_preservation_weight=2.0)
     batch = trainer._anchor_batch(rows)
     assert trainer.preserve_loss([PAIRS[0]], batch).item() == pytest.approx(0.0, abs=1e-6)
-    with torch.no_grad():  # move the adapter off zero
-        for name, param in trainer.transformer.named_parameters():
-            if "lora_B" in name:
-                param.add_(0.05 * torch.randn_like(param))
+    _move_adapter_off_zero(trainer)
     with_u = trainer.preserve_loss([PAIRS[0]], batch).item()
     trainer.config.uncond_preservation_weight = 0.0
     without = trainer.preserve_loss([PAIRS[0]], batch).item()
@@ -252,10 +256,7 @@ def test_guided_student_compares_the_students_guided_logits_with_the_teacher(anc
     trainer = _trainer(anchors, cond_drop_rate=0.0, preservation_student="guided")
     batch = trainer._anchor_batch(rows)
     assert trainer.preserve_loss([PAIRS[0]], batch).item() == pytest.approx(0.0, abs=1e-5)
-    with torch.no_grad():  # move the adapter off zero
-        for name, param in trainer.transformer.named_parameters():
-            if "lora_B" in name:
-                param.add_(0.05 * torch.randn_like(param))
+    _move_adapter_off_zero(trainer)
     loss = trainer.preserve_loss([PAIRS[0]], batch)
     states, mask = trainer._text_batch([PAIRS[0].safe])
     uncond = trainer.transformer.unconditional_states(1, states.shape[1]).to(states)
