@@ -195,6 +195,13 @@ class ErasureTrainer:
             states[i, : s.shape[0]], mask[i, : m.shape[0]] = s, m
         return states, mask
 
+    def _text_and_uncond(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The prompts' (B, T, C) features, the learned unconditional embedding in the same shape (as the sampler's
+        guidance branch uses it, with the prompts' mask) and the (B, T) mask."""
+        states_BTC, mask_BT = self._text_batch(prompts)
+        uncond_BTC = self.transformer.unconditional_states(len(prompts), states_BTC.shape[1]).to(states_BTC)
+        return states_BTC, uncond_BTC, mask_BT
+
     def _anchor_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         device, n = self.accelerator.device, self.schedule.total_tokens
         return {"bits": self.anchors.bits[rows, :n].long().to(device),
@@ -227,8 +234,7 @@ class ErasureTrainer:
         at the anchors' guidance, divided by their temperature, as stored with the anchors): one forward of the
         batch ``[prompts; unconditional]`` without condition dropout (the unconditional half is the dropped text)."""
         cfg = self.config
-        states_BTC, mask_BT = self._text_batch(prompts)
-        uncond_BTC = self.transformer.unconditional_states(len(prompts), states_BTC.shape[1]).to(states_BTC)
+        states_BTC, uncond_BTC, mask_BT = self._text_and_uncond(prompts)
         logits_2BLV = self.model(torch.cat([inputs, inputs]), torch.cat([states_BTC, uncond_BTC]),
                                  torch.cat([mask_BT, mask_BT]), schedule=self.schedule, cond_drop_prob=0.0
                                  ).sample.float()
@@ -257,8 +263,7 @@ class ErasureTrainer:
             own = self._rollout_inputs(unsafe)
             return L.naive_loss(self._logits(own, unsafe, **ids), anchor["cond_logits"]), {}
         if cfg.method == "esd":
-            states, mask = self._text_batch(unsafe)
-            uncond = self.transformer.unconditional_states(len(pairs), states.shape[1]).to(states)
+            states, uncond, mask = self._text_and_uncond(unsafe)
             target = L.esd_target_logits(self._frozen_logits(anchor["inputs"], states, mask),
                                          self._frozen_logits(anchor["inputs"], uncond, mask), cfg.negative_guidance)
             return L.esd_loss(self._logits(anchor["inputs"], None, states, mask, **ids), target), {}
@@ -281,8 +286,7 @@ class ErasureTrainer:
         loss = cfg.preservation_weight * L.preservation_kl(student, anchor[teacher[cfg.preservation_teacher]],
                                                            reduction_code=code)
         if cfg.uncond_preservation_weight > 0:  # extension: keep the unconditional branch (see ErasureConfig)
-            states, mask = self._text_batch([p.safe for p in pairs])
-            uncond = self.transformer.unconditional_states(len(pairs), states.shape[1]).to(states)
+            _, uncond, mask = self._text_and_uncond(safe)
             teacher_u = self._frozen_logits(anchor["inputs"], uncond, mask)
             student_u = self.model(anchor["inputs"], uncond, mask, schedule=self.schedule,
                                    cond_drop_prob=0.0).sample.float()
