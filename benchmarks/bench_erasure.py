@@ -91,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anchor_batch_size", type=int, default=8, help="sample_anchors' batch (its default is 8)")
     p.add_argument("--projected_pairs", type=int, default=50)
     p.add_argument("--projected_iterations", type=int, default=500)
-    p.add_argument("--compile", action="store_true", help="accelerate's dynamo_backend='inductor' on the trained model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (ErasureTrainer(compile_blocks=True), regional)")
+    p.add_argument("--preservation_student", choices=["conditional", "guided"], default="conditional",
+                   help="L_Pre on the student's conditional logits (the reference) or its guided mix (twice the rows)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off in the library)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -114,6 +117,7 @@ def make_pairs(n: int) -> list[PromptPair]:
 def erasure_config(args) -> ErasureConfig:
     return ErasureConfig(method="svare", update=args.update, train_batch_size=args.batch_size,
                          lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank),
+                         preservation_student=args.preservation_student,
                          train_modules=list(FULL_FINETUNE_MODULES) if args.full_finetune else None)
 
 
@@ -187,7 +191,8 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
     start = time.perf_counter()
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_checkpointing=("selective" if args.selective_checkpointing
-                                                     else args.gradient_checkpointing))
+                                                     else args.gradient_checkpointing),
+                             compile_blocks=args.compile)
     setup_s = time.perf_counter() - start
     reset_peak_memory(device)
     log(f"training: 1 checked + {args.warmup - 1} warm-up + {args.iters} timed iterations")
@@ -233,8 +238,7 @@ def run(args, device: torch.device) -> dict:
     """Anchors, then training, on a fresh random-weight pipeline; the report without settings and environment."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu",
-                              dynamo_backend="inductor" if args.compile else None)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
     log(f"building {args.config} with random weights on {accelerator.device}")
     pipe = build_pipeline(args.config, accelerator.device, DTYPES[args.dtype], DTYPES[args.dtype], args.seed)
     config = erasure_config(args)

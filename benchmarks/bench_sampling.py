@@ -88,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile_vae", action="store_true",
                    help="torch.compile the VAE decoder (inductor fuses its GroupNorms, slow in eager bf16)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile every transformer block (experimental: one graph per layer and scale shape)")
+                   help="torch.compile the transformer blocks (compile_repeated_blocks: one compiled block for all "
+                        "layers and scales, the KV-cache steps left out as graph breaks); combines with --cuda_graphs")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for the float32 matmuls/convs (off in the library)")
     p.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark (VAE convs)")
@@ -225,12 +226,6 @@ def sampling_targets(results: list[dict]) -> dict:
             "mfu_at_b8": target_check(b8.get("mfu"), 0.55, reference_mfu, lower_is_better=False)}
 
 
-def compile_blocks(pipe, mode: str | None) -> None:
-    raise_compile_limits()
-    for block in pipe.transformer.transformer_blocks:
-        block.compile(mode=mode)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -240,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = build_pipeline(args.config, device, DTYPES[args.dtype], DTYPES[args.vae_dtype], args.seed)
     schedule = pipe.prepare_schedule(spec["height"], spec["width"])
     if args.compile:
-        compile_blocks(pipe, args.compile_mode)
+        raise_compile_limits()
+        pipe.transformer.compile_repeated_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
     if args.cuda_graphs:
         pipe.enable_cuda_graphs()
     if args.compile_vae:

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"],
                    help="recompute block activations in the backward: 'full' (the flag alone; the reference's) or "
                         "'selective' (keep the attention outputs: faster, more memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional; faster steps on a GPU after a compile of "
+                        "about a minute)")
     p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
@@ -242,7 +245,8 @@ def main(argv=None) -> str:
                                                  "anchors_per_prompt": args.anchors_per_prompt})
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                             gradient_checkpointing=args.gradient_checkpointing, retain_prompts=retain)
+                             gradient_checkpointing=args.gradient_checkpointing, retain_prompts=retain,
+                             compile_blocks=args.compile)
     resume = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else \
         args.resume_from_checkpoint
     if resume:

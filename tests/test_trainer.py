@@ -270,3 +270,26 @@ def test_guided_student_compares_the_students_guided_logits_with_the_teacher(anc
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.trainable_parameters())
     with pytest.raises(ValueError, match="preservation_student must be one of"):
         ErasureConfig(preservation_student="unconditional")
+
+
+@pytest.mark.gpu
+def test_compiled_blocks_train_like_eager_blocks(anchors):
+    """``compile_blocks=True`` (regional torch.compile, checkpointed) gives the eager run's losses and updates.
+
+    The losses of three steps agree to 1e-3; the adapters' updates to 10% of their norm (5.1% measured on an H200),
+    not elementwise: AdamW turns the compiler's rounding differences on near-zero gradients into whole
+    learning-rate-sized steps."""
+    results = {}
+    for compile_blocks in (False, True):
+        torch.manual_seed(0)
+        trainer = ErasureTrainer(tiny_pipeline(), ErasureConfig(learning_rate=1e-3, max_train_steps=3), PAIRS,
+                                 anchors, seed=0, gradient_checkpointing="full", compile_blocks=compile_blocks)
+        assert trainer.transformer.device.type == "cuda"
+        start = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
+        logs = [trainer.training_step(step) for step in range(3)]
+        update = torch.cat([(v - start[k]).flatten().float() for k, v in trainer.trainable_state_dict().items()])
+        results[compile_blocks] = (torch.tensor([(log["loss"], log["pre"]) for log in logs]), update)
+    (eager_logs, eager), (compiled_logs, compiled) = results[False], results[True]
+    torch.testing.assert_close(compiled_logs, eager_logs, rtol=1e-3, atol=1e-5)
+    assert eager.norm() > 0 and (compiled - eager).norm() <= 0.1 * eager.norm()
+    assert torch.nn.functional.cosine_similarity(compiled, eager, dim=0) > 0.99

@@ -308,8 +308,8 @@ class CosineSelfAttention(nn.Module):
             q_BHLc = (apply_rope_2d(q_BHLc, rope_cos_LP, rope_sin_LP) * q_scale_BHL1).to(v_BHLc.dtype)
             k_BHLc = (apply_rope_2d(k_BHLc, rope_cos_LP, rope_sin_LP) * k_scale_BHL1).to(v_BHLc.dtype)
         if kv_cache is not None:
-            k_BHLc, v_BHLc = kv_cache.update(layer_idx, k_BHLc, v_BHLc)
-        if scale_offsets is not None:
+            out_BHLc = _attend_through_cache(kv_cache, layer_idx, q_BHLc, k_BHLc, v_BHLc)
+        elif scale_offsets is not None:
             out_BHLc = block_causal_attention(q_BHLc, k_BHLc, v_BHLc, scale_offsets, scale=1.0)
         else:
             out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, scale=1.0)
@@ -351,17 +351,43 @@ class CrossAttention(nn.Module):
             kv_cache: if given, the text keys/values are computed once and reused at later scales.
         """
         q_BHLc = _split_heads(self.to_q(x_BLC), self.num_heads)
-        cached = kv_cache.cross_kv(layer_idx) if kv_cache is not None else None
-        if cached is None:
-            k_BHTc = _split_heads(self.to_k(context_BTC), self.num_heads)
-            v_BHTc = _split_heads(self.to_v(context_BTC), self.num_heads)
-            if kv_cache is not None:
-                kv_cache.set_cross_kv(layer_idx, k_BHTc, v_BHTc)
+        if kv_cache is not None:
+            k_BHTc, v_BHTc = _cached_text_kv(self, context_BTC, kv_cache, layer_idx)
         else:
-            k_BHTc, v_BHTc = cached
+            k_BHTc, v_BHTc = self.text_kv(context_BTC)
         out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHTc.to(q_BHLc.dtype), v_BHTc.to(q_BHLc.dtype),
                                                   attn_mask=context_mask_B11T)
         return self.to_out(_merge_heads(out_BHLc))
+
+
+    def text_kv(self, context_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, T, c) keys and values of the text."""
+        heads = self.num_heads
+        return _split_heads(self.to_k(context_BTC), heads), _split_heads(self.to_v(context_BTC), heads)
+
+
+# The two KV-cache steps of sampling stay out of torch.compile (``compile_repeated_blocks``): the cache is Python state
+# (per-layer buffers and token counts) that would make the compiler specialise the block on every layer and scale.
+# Excluded, they are graph breaks, and the compiled pieces around them serve every layer and scale.
+
+
+@torch.compiler.disable
+def _attend_through_cache(kv_cache: KVCache, layer_idx: int, q_BHlc: torch.Tensor, k_BHlc: torch.Tensor,
+                          v_BHlc: torch.Tensor) -> torch.Tensor:
+    """Append this scale's keys/values to the layer's cache, then attend from this scale's queries to all of them."""
+    k_BHSc, v_BHSc = kv_cache.update(layer_idx, k_BHlc, v_BHlc)
+    return F.scaled_dot_product_attention(q_BHlc, k_BHSc, v_BHSc, scale=1.0)
+
+
+@torch.compiler.disable
+def _cached_text_kv(attn: CrossAttention, context_BTC: torch.Tensor, kv_cache: KVCache,
+                    layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text keys/values of ``attn``, computed at the first scale and reused from ``kv_cache`` afterwards."""
+    cached = kv_cache.cross_kv(layer_idx)
+    if cached is None:
+        cached = attn.text_kv(context_BTC)
+        kv_cache.set_cross_kv(layer_idx, *cached)
+    return cached
 
 
 class TextAttentivePool(nn.Module):

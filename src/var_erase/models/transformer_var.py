@@ -226,6 +226,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ["VARTransformerBlock"]  # diffusers' compile_repeated_blocks() compiles these (regional)
     _no_split_modules = ["VARTransformerBlock"]
     _keep_in_fp32_modules = [
         "text_norm", "text_pooler", "context_embedder", "uncond_text_embeds", "sos_embed", "scale_embed",
