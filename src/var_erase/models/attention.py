@@ -359,7 +359,6 @@ class CrossAttention(nn.Module):
                                                   attn_mask=context_mask_B11T)
         return self.to_out(_merge_heads(out_BHLc))
 
-
     def text_kv(self, context_BTC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, T, c) keys and values of the text."""
         heads = self.num_heads
