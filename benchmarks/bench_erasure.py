@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--projected_iterations", type=int, default=500)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (ErasureTrainer(compile_blocks=True), regional)")
+    p.add_argument("--activation_memory_budget", type=float, default=None,
+                   help="with --compile and --no_gradient_checkpointing: the share (0-1] of the compiled block's "
+                        "activations kept for the backward (ErasureTrainer(activation_memory_budget=...))")
     p.add_argument("--preservation_student", choices=["conditional", "guided"], default="conditional",
                    help="L_Pre on the student's conditional logits (the reference) or its guided mix (twice the rows)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off in the library)")
@@ -101,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_json", default=None, help="also write the JSON here")
     add_diagnostic_args(p, "one more iteration and write its operator table to DIR/erasure_<lora|full>.txt")
     args = p.parse_args(argv)
+    if args.activation_memory_budget is not None and (not args.compile or args.gradient_checkpointing):
+        p.error("--activation_memory_budget needs --compile and --no_gradient_checkpointing (it replaces them)")
     if args.warmup < 1 or args.iters < 1:
         p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")
     if args.anchor_prompts < args.batch_size:
@@ -192,7 +197,7 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_checkpointing=("selective" if args.selective_checkpointing
                                                      else args.gradient_checkpointing),
-                             compile_blocks=args.compile)
+                             compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget)
     setup_s = time.perf_counter() - start
     reset_peak_memory(device)
     log(f"training: 1 checked + {args.warmup - 1} warm-up + {args.iters} timed iterations")

@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional; faster steps on a GPU after a compile of "
                         "about a minute)")
+    p.add_argument("--activation_memory_budget", type=float, default=None,
+                   help="with --compile and no --gradient_checkpointing: share (0-1] of the activations kept for the "
+                        "backward, the compiler recomputing the rest (0.1: about 20 GiB at Infinity-2B, batch 2)")
     p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
@@ -114,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.concept and not args.prompt_pairs:
         p.error("give at least one --concept (a concept of the model's world) or --prompt_pairs FILE")
+    if args.activation_memory_budget is not None and (not args.compile or args.gradient_checkpointing):
+        p.error("--activation_memory_budget is a setting of the compiler that replaces gradient checkpointing: use it "
+                "with --compile and without --gradient_checkpointing")
     return args
 
 
@@ -246,7 +252,7 @@ def main(argv=None) -> str:
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
                              gradient_checkpointing=args.gradient_checkpointing, retain_prompts=retain,
-                             compile_blocks=args.compile)
+                             compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget)
     resume = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else \
         args.resume_from_checkpoint
     if resume:

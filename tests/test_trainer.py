@@ -273,8 +273,10 @@ def test_guided_student_compares_the_students_guided_logits_with_the_teacher(anc
 
 
 @pytest.mark.gpu
-def test_compiled_blocks_train_like_eager_blocks(anchors):
-    """``compile_blocks=True`` (regional torch.compile, checkpointed) gives the eager run's losses and updates.
+@pytest.mark.parametrize("checkpointing, budget", [("full", None), (False, 0.1)])
+def test_compiled_blocks_train_like_eager_blocks(anchors, checkpointing, budget):
+    """``compile_blocks=True`` (regional torch.compile; inside full checkpointing, or with the compiler's activation
+    memory budget instead) gives the eager run's losses and updates.
 
     The losses of three steps agree to 1e-3; the adapters' updates to 10% of their norm (5.1% measured on an H200),
     not elementwise: AdamW turns the compiler's rounding differences on near-zero gradients into whole
@@ -283,7 +285,8 @@ def test_compiled_blocks_train_like_eager_blocks(anchors):
     for compile_blocks in (False, True):
         torch.manual_seed(0)
         trainer = ErasureTrainer(tiny_pipeline(), ErasureConfig(learning_rate=1e-3, max_train_steps=3), PAIRS,
-                                 anchors, seed=0, gradient_checkpointing="full", compile_blocks=compile_blocks)
+                                 anchors, seed=0, gradient_checkpointing=checkpointing, compile_blocks=compile_blocks,
+                                 activation_memory_budget=budget if compile_blocks else None)
         assert trainer.transformer.device.type == "cuda"
         start = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
         logs = [trainer.training_step(step) for step in range(3)]
@@ -293,3 +296,14 @@ def test_compiled_blocks_train_like_eager_blocks(anchors):
     torch.testing.assert_close(compiled_logs, eager_logs, rtol=1e-3, atol=1e-5)
     assert eager.norm() > 0 and (compiled - eager).norm() <= 0.1 * eager.norm()
     assert torch.nn.functional.cosine_similarity(compiled, eager, dim=0) > 0.99
+
+
+def test_activation_memory_budget_needs_compiled_blocks_without_checkpointing(anchors):
+    config = ErasureConfig(max_train_steps=1)
+    with pytest.raises(ValueError, match="compile_blocks=True"):
+        ErasureTrainer(tiny_pipeline(), config, PAIRS, anchors, activation_memory_budget=0.1)
+    with pytest.raises(ValueError, match="replaces gradient checkpointing"):
+        ErasureTrainer(tiny_pipeline(), config, PAIRS, anchors, compile_blocks=True, gradient_checkpointing="full",
+                       activation_memory_budget=0.1)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        ErasureTrainer(tiny_pipeline(), config, PAIRS, anchors, compile_blocks=True, activation_memory_budget=1.5)
