@@ -221,7 +221,8 @@ def sdpa_backends(names: list[str] | None) -> Iterator[None]:
 
 
 def raise_compile_limits() -> None:
-    """Let torch.compile keep one graph per (layer, scale shape) instead of falling back to eager after 8."""
+    """Raise torch.compile's recompilation limits (8 by default) so that a shape or guard the compiled block has not
+    seen yet (a new batch size, text length or scale) recompiles instead of silently falling back to eager."""
     import torch._dynamo
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
