@@ -177,6 +177,19 @@ def test_attentive_pool_masking_equals_unpadded_text():
 # KV cache bookkeeping
 
 
+@pytest.mark.parametrize("max_tokens", [None, 9])
+def test_kv_cache_returns_every_appended_token_from_token_major_storage(max_tokens):
+    """Two scales appended: the returned (B, H, S, c) keys/values are the inputs in order, viewed from (B, S, H, c)
+    storage (a scale is one contiguous block; attention on such views writes token-major outputs)."""
+    cache = KVCache(num_layers=1, max_tokens=max_tokens)
+    scales = [(torch.randn(2, 4, n, 8), torch.randn(2, 4, n, 8)) for n in (1, 4)]
+    for k, v in scales:
+        keys, values = cache.update(0, k, v)
+    torch.testing.assert_close(keys, torch.cat([k for k, _ in scales], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values, torch.cat([v for _, v in scales], dim=2), rtol=0, atol=0)
+    assert keys.shape == (2, 4, 5, 8) and keys.stride()[1:] == (8, 4 * 8, 1) == values.stride()[1:]
+
+
 def test_kv_cache_rejects_a_batch_change_and_overflow():
     cache = KVCache(num_layers=2, max_tokens=3)
     cache.update(0, torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4))

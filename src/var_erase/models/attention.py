@@ -57,11 +57,12 @@ def apply_rope_2d(x_BHLc: torch.Tensor, cos_LP: torch.Tensor, sin_LP: torch.Tens
     ``(cos x0 - sin x1, sin x0 + cos x1)`` in one kernel (and one in the backward) instead of six.
 
     Args:
-        x_BHLc: (B, H, L, head_dim) queries or keys.
-        cos_LP, sin_LP: (L, head_dim / 2) from :func:`rope_2d_frequencies`.
+        x_BHLc: (B, H, L, head_dim) queries or keys, or any layout whose last dimension is the head channels and
+            against which ``cos_LP`` / ``sin_LP`` broadcast, e.g. token-major (B, L, H, head_dim) with (L, 1, P) tables.
+        cos_LP, sin_LP: (L, head_dim / 2) from :func:`rope_2d_frequencies` (``[:, None]`` for token-major inputs).
 
     Returns:
-        (B, H, L, head_dim) float32.
+        float32, the shape of ``x_BHLc``.
     """
     if torch.compiler.is_compiling():  # the compiler has no complex kernels; it fuses the real form itself
         x0, x1 = x_BHLc.float().unflatten(-1, (-1, 2)).unbind(-1)
@@ -87,6 +88,10 @@ class KVCache:
 
     A cache belongs to one generation: one prepared condition (the whole CFG batch), one schedule, scales in order.
     Make a new one (or :meth:`reset`) for the next generation.
+
+    Keys and values are stored token-major, (B, S, H, c), and handed out as (B, H, S, c) views: a scale's tokens are
+    one contiguous block of the buffer, and queries, keys and values all share the layout of the projections'
+    outputs, so attention writes its output in that layout too and merging the heads is free.
 
     Args:
         num_layers: transformer layers.
@@ -121,7 +126,7 @@ class KVCache:
     def update(self, layer_idx: int, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one scale's keys/values for a layer; return the keys/values of all cached tokens (B, H, L, c)."""
         old_k = self._keys[layer_idx]
-        if old_k is not None and (old_k.shape[0], old_k.shape[1], old_k.shape[3]) != (
+        if old_k is not None and (old_k.shape[0], old_k.shape[2], old_k.shape[3]) != (
             k_BHlc.shape[0], k_BHlc.shape[1], k_BHlc.shape[3]
         ):
             raise ValueError(
@@ -129,21 +134,22 @@ class KVCache:
                 f"{k_BHlc.shape[0]}; use one cache per generation with the same (CFG) batch at every scale"
             )
         start, end = self._lengths[layer_idx], self._lengths[layer_idx] + k_BHlc.shape[2]
+        k_BlHc, v_BlHc = k_BHlc.transpose(1, 2), v_BHlc.transpose(1, 2)
         if self.max_tokens is None:
-            self._keys[layer_idx] = k_BHlc if old_k is None else torch.cat((old_k, k_BHlc), dim=2)
-            self._values[layer_idx] = v_BHlc if old_k is None else torch.cat((self._values[layer_idx], v_BHlc), dim=2)
+            self._keys[layer_idx] = k_BlHc if old_k is None else torch.cat((old_k, k_BlHc), dim=1)
+            self._values[layer_idx] = v_BlHc if old_k is None else torch.cat((self._values[layer_idx], v_BlHc), dim=1)
             self._lengths[layer_idx] = end
-            return self._keys[layer_idx], self._values[layer_idx]
+            return self._keys[layer_idx].transpose(1, 2), self._values[layer_idx].transpose(1, 2)
         if end > self.max_tokens:
             raise ValueError(f"KV cache holds at most {self.max_tokens} tokens, this scale would need {end}")
         if old_k is None:
-            shape = (*k_BHlc.shape[:2], self.max_tokens, k_BHlc.shape[3])
+            shape = (k_BHlc.shape[0], self.max_tokens, *k_BlHc.shape[2:])  # (B, S, H, c)
             self._keys[layer_idx] = k_BHlc.new_empty(shape)
             self._values[layer_idx] = v_BHlc.new_empty(shape)
-        self._keys[layer_idx][:, :, start:end] = k_BHlc
-        self._values[layer_idx][:, :, start:end] = v_BHlc
+        self._keys[layer_idx][:, start:end] = k_BlHc
+        self._values[layer_idx][:, start:end] = v_BlHc
         self._lengths[layer_idx] = end
-        return self._keys[layer_idx][:, :, :end], self._values[layer_idx][:, :, :end]
+        return self._keys[layer_idx][:, :end].transpose(1, 2), self._values[layer_idx][:, :end].transpose(1, 2)
 
     def reserve(self, max_tokens: int) -> None:
         """Preallocate for ``max_tokens`` tokens from the next allocation on (no effect once buffers exist, except an
@@ -202,7 +208,7 @@ def block_causal_attention(
     queries = q_BHLc.split(sizes, dim=2)
     keys, values = prefix_views(k_BHLc, ends), prefix_views(v_BHLc, ends)
     outs = [F.scaled_dot_product_attention(q, k, v, scale=scale) for q, k, v in zip(queries, keys, values)]
-    return torch.cat(outs, dim=2)
+    return torch.cat([out.transpose(1, 2) for out in outs], dim=1).transpose(1, 2)  # token-major, like q
 
 
 class _PrefixViews(torch.autograd.Function):
@@ -240,9 +246,9 @@ def prefix_views(x_BHLc: torch.Tensor, ends: tuple[int, ...]) -> tuple[torch.Ten
     return _PrefixViews.apply(x_BHLc, ends)
 
 
-def _l2_norm(x_BHLc: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, 1) float32 L2 norm over the head channels."""
-    return torch.linalg.vector_norm(x_BHLc, dim=-1, keepdim=True, dtype=torch.float32)
+def _l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """float32 L2 norm over the head channels (the last dimension), kept as a dimension of size 1."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
 
 
 def _split_heads(x_BLC: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -297,16 +303,19 @@ class CosineSelfAttention(nn.Module):
 
         With neither ``scale_offsets`` nor ``kv_cache`` every token attends to every token.
         """
-        q_BHLc = _split_heads(self.to_q(x_BLC), self.num_heads)
-        k_BHLc = _split_heads(self.to_k(x_BLC), self.num_heads)
+        # normalisation and RoPE run token-major, (B, L, H, c), the layout of the projections' outputs: q and k keep
+        # it (the (B, H, L, c) tensors below are views), and so do the attention output and the KV cache
+        q_BLHc = self.to_q(x_BLC).unflatten(-1, (self.num_heads, -1))
+        k_BLHc = self.to_k(x_BLC).unflatten(-1, (self.num_heads, -1))
         v_BHLc = _split_heads(self.to_v(x_BLC), self.num_heads)
+        cos_L1P, sin_L1P = rope_cos_LP[:, None], rope_sin_LP[:, None]
         with torch.autocast(device_type=x_BLC.device.type, enabled=False):
-            temperature_1H11 = self.log_scale.float().clamp(max=self.max_log_scale).exp()
+            temperature_11H1 = self.log_scale.float().clamp(max=self.max_log_scale).exp().transpose(1, 2)
             # L2 normalisation and temperature as one per-token factor (F.normalize's max(||x||, eps) divisor)
-            q_scale_BHL1 = temperature_1H11 / _l2_norm(q_BHLc).clamp_min(1e-12)
-            k_scale_BHL1 = _l2_norm(k_BHLc).clamp_min(1e-12).reciprocal()
-            q_BHLc = (apply_rope_2d(q_BHLc, rope_cos_LP, rope_sin_LP) * q_scale_BHL1).to(v_BHLc.dtype)
-            k_BHLc = (apply_rope_2d(k_BHLc, rope_cos_LP, rope_sin_LP) * k_scale_BHL1).to(v_BHLc.dtype)
+            q_scale_BLH1 = temperature_11H1 / _l2_norm(q_BLHc).clamp_min(1e-12)
+            k_scale_BLH1 = _l2_norm(k_BLHc).clamp_min(1e-12).reciprocal()
+            q_BHLc = (apply_rope_2d(q_BLHc, cos_L1P, sin_L1P) * q_scale_BLH1).to(v_BHLc.dtype).transpose(1, 2)
+            k_BHLc = (apply_rope_2d(k_BLHc, cos_L1P, sin_L1P) * k_scale_BLH1).to(v_BHLc.dtype).transpose(1, 2)
         if kv_cache is not None:
             out_BHLc = _attend_through_cache(kv_cache, layer_idx, q_BHLc, k_BHLc, v_BHLc)
         elif scale_offsets is not None:
