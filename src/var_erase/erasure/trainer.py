@@ -72,9 +72,9 @@ class ErasureTrainer:
         activation_memory_budget: with ``compile_blocks`` and no ``gradient_checkpointing``: the share (0-1] of a
             compiled block's activations kept for the backward (``torch._functorch.config.activation_memory_budget``,
             set during the training steps); the compiler's partitioner recomputes the rest, choosing the cheapest
-            recomputation, where ``gradient_checkpointing`` recomputes whole blocks. At Infinity-2B, batch 2: 0.1
-            gives 1.66 s per iteration at 20.7 GiB, against 1.79 s at 17.9 GiB with selective checkpointing
-            (docs/performance.md).
+            recomputation, where ``gradient_checkpointing`` recomputes whole blocks. At Infinity-2B, batch 2, on an
+            H200: 0.05 gives 1.62 s per iteration at 18.3 GiB (0.1, measured earlier: 1.66 s at 20.7 GiB),
+            against 1.79 s at 17.9 GiB with selective checkpointing (docs/performance.md).
     """
 
     def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
