@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "paper, the student's own guided logits (cond and uncond rows, the anchors' guidance)")
     p.add_argument("--retain_teacher", choices=["guided", "conditional"], default="conditional",
                    help="teacher of the retain KL (extension; default: conditional)")
+    p.add_argument("--retain_student", choices=["conditional", "guided"], default="conditional",
+                   help="student side of the retain KL (extension beyond the paper; default: conditional): the "
+                        "conditional logits or the student's own guided logits, as --preservation_student")
     p.add_argument("--uncond_preservation_weight", type=float, default=0.0,
                    help="extension beyond the paper (default 0: off): also keep the frozen model's unconditional "
                         "branch (KL along the anchors), which guidance multiplies by 1 - g")
@@ -188,7 +191,7 @@ def erasure_config(args) -> ErasureConfig:
         first_erase_scale=args.first_erase_scale,
         retain_weight=args.retain_weight, retain_batch_size=args.retain_batch_size,
         preservation_teacher=args.preservation_teacher, preservation_student=args.preservation_student,
-        retain_teacher=args.retain_teacher,
+        retain_teacher=args.retain_teacher, retain_student=args.retain_student,
         cond_drop_rate=args.cond_drop_rate, uncond_preservation_weight=args.uncond_preservation_weight,
         lora_rank=args.rank, lora_alpha=args.lora_alpha or float(args.rank),
         lora_target_modules=[m.strip() for m in args.lora_layers.split(",") if m.strip()], train_modules=modules,

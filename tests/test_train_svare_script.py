@@ -55,12 +55,14 @@ def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
     extra = tmp_path / "keep.txt"
     extra.write_text("a blue circle\n\na green square\n")
     train_svare.main(_args(base, out, 1, "--retain_prompts_per_concept", "1", "--retain_prompts", str(extra),
-                           "--retain_weight", "1.0"))
+                           "--retain_weight", "1.0", "--retain_teacher", "guided", "--retain_student", "guided"))
     log = json.loads((out / "training_log.json").read_text())
     retain = log["retain_prompts"]
     assert retain[:2] == ["a blue circle", "a green square"] and len(retain) == 2 + 7  # + one per other colour
     assert log["config"]["retain_weight"] == 1.0 and not any(w in p.split() for p in retain for w in ("red", "scarlet"))
-    assert read_adapter_metadata(out).hyperparameters["num_retain_prompts"] == 9
+    assert log["config"]["retain_student"] == "guided" and log["config"]["retain_teacher"] == "guided"
+    hyperparameters = read_adapter_metadata(out).hyperparameters
+    assert hyperparameters["num_retain_prompts"] == 9 and hyperparameters["retain_student"] == "guided"
 
 
 def test_selective_checkpointing_and_no_validation_grid(base, tmp_path):

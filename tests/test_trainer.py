@@ -159,6 +159,50 @@ def test_retain_prompts_need_anchors_and_a_preservation_loss(anchors, retain_anc
         ErasureTrainer(tiny_pipeline(), ErasureConfig(method="fce"), PAIRS, retain_anchors, retain_prompts=RETAIN)
 
 
+def test_guided_retain_student_compares_the_students_guided_logits_on_the_retain_prompts(retain_anchors):
+    """Extension: with retain_student="guided" the retain KL is KL(teacher || g*cond + (1-g)*uncond of the student,
+    over the anchors' temperature) on the retain prompts, where the default compares the conditional logits. With the
+    guided retain teacher the retain term is 0 at initialisation (LoRA a no-op) for the guided student only; once the
+    adapter moves it equals the hand computation, differs from the conditional student's and has gradients."""
+    from var_erase.erasure.losses import preservation_kl
+    from var_erase.pipelines.sampling import guide_logits
+
+    settings = dict(learning_rate=1e-2, cond_drop_rate=0.0, retain_weight=2.0, retain_teacher="guided")
+    trainers = {s: ErasureTrainer(tiny_pipeline(), ErasureConfig(retain_student=s, **settings), PAIRS, retain_anchors,
+                                  seed=0, retain_prompts=RETAIN) for s in ("conditional", "guided")}
+    assert ErasureConfig().retain_student == "conditional"
+    guided = trainers["guided"]
+    prompts, rows = guided.retain_batch(0)
+    pairs, anchor = [PAIRS[0]], guided._anchor_batch(retain_anchors.rows_for(PAIRS[0].safe)[:1])
+    retain = (prompts, guided._anchor_batch(rows))
+
+    def retain_term(trainer):  # the retain KL alone: preserve loss with it minus without it
+        with torch.no_grad():
+            return (trainer.preserve_loss(pairs, anchor, retain) - trainer.preserve_loss(pairs, anchor)).item()
+
+    assert retain_term(guided) == pytest.approx(0.0, abs=1e-5) and retain_term(trainers["conditional"]) > 1e-4
+    torch.manual_seed(0)
+    _move_adapter_off_zero(guided)
+    trainers["conditional"].load_trainable_state_dict(guided.trainable_state_dict())
+    states, mask = guided._text_batch(prompts)
+    uncond = guided.transformer.unconditional_states(len(prompts), states.shape[1]).to(states)
+    with torch.no_grad():
+        cond = guided.transformer(retain[1]["inputs"], states, mask, schedule=guided.schedule).sample.float()
+        unc = guided.transformer(retain[1]["inputs"], uncond, mask, schedule=guided.schedule).sample.float()
+    cfg = guided.config
+    student = guide_logits(cond, unc, cfg.anchor_guidance_scale) / cfg.anchor_temperature
+    expected = 2.0 * preservation_kl(student, retain[1]["logits"]).item()
+    conditional = 2.0 * preservation_kl(cond, retain[1]["logits"]).item()
+    assert expected > 1e-6 and retain_term(guided) == pytest.approx(expected, rel=1e-4)
+    assert retain_term(trainers["conditional"]) == pytest.approx(conditional, rel=1e-4)
+    assert abs(expected - conditional) > 1e-3 * max(expected, conditional)
+    guided.optimizer.zero_grad(set_to_none=True)
+    (guided.preserve_loss(pairs, anchor, retain) - guided.preserve_loss(pairs, anchor).detach()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in guided.trainable_parameters())
+    with pytest.raises(ValueError, match="retain_student must be one of"):
+        ErasureConfig(retain_student="unconditional")
+
+
 def test_conditional_teacher_is_the_frozen_model_itself(anchors):
     """At initialisation the LoRA is a no-op: the conditional teacher's KL is 0, the reference's guided one is not."""
     rows = anchors.rows_for(PAIRS[0].safe)[:1]

@@ -112,6 +112,12 @@ class ErasureConfig:
         retain_teacher: the same choice for the retain prompts; ``"conditional"`` by default, since the retain set is
             not the paper's (distilling guidance into the conditional branch moves a prompt's guided samples away
             from the base model's, the opposite of retaining it).
+        retain_student: which student logits the retain KL compares with its teacher, **an extension beyond the
+            paper** (which has no retain set): ``"conditional"`` (default; the plain conditional forward under each
+            retain prompt, with condition dropout) or ``"guided"`` (the student's own guided logits
+            ``g * cond + (1 - g) * uncond`` at the anchors' guidance, from one forward of ``[retain; unconditional]``,
+            as ``preservation_student="guided"`` does for the safe prompts). With ``retain_teacher="guided"`` it keeps
+            what is sampled for the retain prompts. Costs a second forward row per retain prompt.
         preservation_student: which student logits L_Pre compares with the teacher: ``"conditional"`` (the
             reference: the plain conditional forward under the safe prompt) or ``"guided"`` (an option beyond the
             paper: the student's own guided logits ``g * cond + (1 - g) * uncond`` at the anchors' guidance scale,
@@ -162,6 +168,7 @@ class ErasureConfig:
     preservation_teacher: str = "guided"
     preservation_student: str = "conditional"
     retain_teacher: str = "conditional"
+    retain_student: str = "conditional"
     uncond_preservation_weight: float = 0.0
     # 2. optimisation
     update: str = "alternating"
@@ -249,6 +256,7 @@ class ErasureConfig:
             ("preservation_teacher", ("guided", "conditional")),
             ("preservation_student", ("conditional", "guided")),
             ("retain_teacher", ("guided", "conditional")),
+            ("retain_student", ("conditional", "guided")),
         ):
             check(name, lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")
         check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")

@@ -288,7 +288,8 @@ class ErasureTrainer:
         """S-VARE's L_Pre, weighted: ``w * KL(guided teacher || student under c)`` along ``r^ori`` (the conditional
         teacher with ``preservation_teacher="conditional"``, the student's guided logits with
         ``preservation_student="guided"``); plus, with a retain batch ``(prompts, anchor batch)``,
-        ``retain_weight * KL`` on the retain prompts (an extension; teacher ``retain_teacher``)."""
+        ``retain_weight * KL`` on the retain prompts (an extension; teacher ``retain_teacher``, student
+        ``retain_student``)."""
         cfg = self.config
         code = cfg.kl_reduction == "code"
         teacher = {"guided": "logits", "conditional": "cond_logits"}
@@ -308,7 +309,10 @@ class ErasureTrainer:
                                                                               reduction_code=code)
         if retain is not None and retain[0]:
             prompts, retain_anchor = retain
-            student = self._logits(retain_anchor["inputs"], prompts, sample_ids=retain_ids, salt=3)
+            if cfg.retain_student == "guided":  # extension: the retain prompts' guided output (see ErasureConfig)
+                student = self._guided_logits(retain_anchor["inputs"], prompts)
+            else:
+                student = self._logits(retain_anchor["inputs"], prompts, sample_ids=retain_ids, salt=3)
             kl = L.preservation_kl(student, retain_anchor[teacher[cfg.retain_teacher]], reduction_code=code)
             loss = loss + self.config.effective_retain_weight * kl
         return loss
