@@ -67,7 +67,7 @@ from bench_common import (
 from var_erase.erasure.anchors import AnchorSet, sample_anchors
 from var_erase.erasure.config import FULL_FINETUNE_MODULES, ErasureConfig
 from var_erase.erasure.prompts import PromptPair
-from var_erase.erasure.trainer import ErasureTrainer
+from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,8 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_json", default=None, help="also write the JSON here")
     add_diagnostic_args(p, "one more iteration and write its operator table to DIR/erasure_<lora|full>.txt")
     args = p.parse_args(argv)
-    if args.activation_memory_budget is not None and (not args.compile or args.gradient_checkpointing):
-        p.error("--activation_memory_budget needs --compile and --no_gradient_checkpointing (it replaces them)")
+    try:
+        check_activation_memory_budget(args.activation_memory_budget, args.compile,
+                                       "selective" if args.selective_checkpointing else args.gradient_checkpointing)
+    except ValueError as err:
+        p.error(f"--activation_memory_budget (with --compile, without gradient checkpointing): {err}")
     if args.warmup < 1 or args.iters < 1:
         p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")
     if args.anchor_prompts < args.batch_size:

@@ -28,7 +28,7 @@ from var_erase import DEFAULT_MODEL
 from var_erase.erasure.anchors import load_or_sample_anchors
 from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, METHODS, ErasureConfig
 from var_erase.erasure.prompts import PromptPair, load_prompt_pairs
-from var_erase.erasure.trainer import ErasureTrainer, latest_checkpoint
+from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget, latest_checkpoint
 from var_erase.hub import AdapterMetadata, push_adapter_to_hub, render_model_card, save_model_card
 from var_erase.loaders.lora import adapters_disabled
 from var_erase.pipelines.pipeline_var import VARPipeline
@@ -120,9 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.concept and not args.prompt_pairs:
         p.error("give at least one --concept (a concept of the model's world) or --prompt_pairs FILE")
-    if args.activation_memory_budget is not None and (not args.compile or args.gradient_checkpointing):
-        p.error("--activation_memory_budget is a setting of the compiler that replaces gradient checkpointing: use it "
-                "with --compile and without --gradient_checkpointing")
+    try:
+        check_activation_memory_budget(args.activation_memory_budget, args.compile, args.gradient_checkpointing)
+    except ValueError as err:
+        p.error(f"--activation_memory_budget (with --compile, without gradient checkpointing): {err}")
     return args
 
 

@@ -82,7 +82,7 @@ class ErasureTrainer:
                  gradient_checkpointing: bool | str = False, retain_prompts: list[str] | None = None,
                  compile_blocks: bool = False, activation_memory_budget: float | None = None) -> None:
         config.validate()
-        _check_memory_budget(activation_memory_budget, compile_blocks, gradient_checkpointing)
+        check_activation_memory_budget(activation_memory_budget, compile_blocks, gradient_checkpointing)
         self.activation_memory_budget = activation_memory_budget
         self.retain_prompts = list(dict.fromkeys(retain_prompts or []))
         if self.retain_prompts and "preservation_kl" not in config.losses:
@@ -487,7 +487,10 @@ def _attention_ops() -> set:
     return {getattr(torch.ops.aten, name).default for name in names if hasattr(torch.ops.aten, name)}
 
 
-def _check_memory_budget(budget: float | None, compile_blocks: bool, gradient_checkpointing: bool | str) -> None:
+def check_activation_memory_budget(budget: float | None, compile_blocks: bool,
+                                   gradient_checkpointing: bool | str) -> None:
+    """ValueError unless ``budget`` is None or in (0, 1] with compiled blocks and no gradient checkpointing (the
+    trainer's rule, also called by the scripts while they parse their flags)."""
     if budget is None:
         return
     if not compile_blocks:
