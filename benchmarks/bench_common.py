@@ -316,7 +316,8 @@ def kernel_category(name: str) -> str:
 
 
 def profile_call(fn, device: torch.device, path: str, row_limit: int = 60) -> dict:
-    """Run ``fn()`` once under ``torch.profiler`` and write the operator table (sorted by device time) to ``path``.
+    """Run ``fn()`` once under ``torch.profiler`` and write the operator table (sorted by device time) to ``path``,
+    and the same grouped by input shapes to ``<path stem>_by_shape.txt`` (which GEMM shapes the time goes to).
 
     Returns a summary: wall seconds, summed GPU kernel seconds by :func:`kernel_category`, kernel launches, and the
     share of the wall time the GPU was busy (``gpu_busy``; low means the host, not the GPU, sets the pace).
@@ -326,14 +327,16 @@ def profile_call(fn, device: torch.device, path: str, row_limit: int = 60) -> di
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         fn()
         synchronize(device)
     wall = time.perf_counter() - start
     by_category: dict[str, float] = {}
     launches = 0
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.name != "Command Buffer Full":
+        # "## Call CompiledFxGraph ... ##" spans a compiled graph's kernels (a GPU annotation, not a kernel)
+        if (event.device_type == torch.autograd.DeviceType.CUDA and event.name != "Command Buffer Full"
+                and not event.name.startswith("## ")):
             category = kernel_category(event.name)
             by_category[category] = by_category.get(category, 0.0) + event.time_range.elapsed_us() / 1e6
             launches += 1
@@ -341,8 +344,12 @@ def profile_call(fn, device: torch.device, path: str, row_limit: int = 60) -> di
     table = prof.key_averages().table(sort_by=sort_key, row_limit=row_limit, max_name_column_width=90)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Path(path).write_text(table + "\n")
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort_key, row_limit=row_limit,
+                                                                  max_name_column_width=40, max_shapes_column_width=90)
+    shape_path = os.path.splitext(path)[0] + "_by_shape.txt"
+    Path(shape_path).write_text(by_shape + "\n")
     gpu_s = sum(by_category.values())
-    return {"profile_table": path, "profiled_wall_s": wall, "gpu_kernel_s": gpu_s,
+    return {"profile_table": path, "profile_table_by_shape": shape_path, "profiled_wall_s": wall, "gpu_kernel_s": gpu_s,
             "gpu_kernel_s_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "kernel_launches": launches, "gpu_busy": gpu_s / wall if device.type == "cuda" and wall > 0 else None}
 

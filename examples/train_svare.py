@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "about a minute)")
     p.add_argument("--activation_memory_budget", type=float, default=None,
                    help="with --compile and no --gradient_checkpointing: share (0-1] of the activations kept for the "
-                        "backward, the compiler recomputing the rest (0.05: about 18 GiB at Infinity-2B, batch 2)")
+                        "backward, the compiler recomputing the rest (at Infinity-2B, batch 2, on an H200: 0.05 "
+                        "1.62 s per iteration at 18 GiB, 0.4 1.47 s at 37 GiB, 0.7 1.41 s at 55 GiB)")
     p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)

@@ -85,6 +85,7 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     report = bench("bench_erasure").main(args + (["--full_finetune"] if full_finetune else [])
                                          + ["--profile_dir", str(tmp_path)])
     assert Path(report["profile"]["profile_table"]).name == f"erasure_{'full' if full_finetune else 'lora'}.txt"
+    assert "Input Shapes" in Path(report["profile"]["profile_table_by_shape"]).read_text()
     assert json.loads(capsys.readouterr().out)["s_per_iteration"] == report["s_per_iteration"]
     _assert_positive(report, ["s_per_iteration", "peak_memory_gib", "anchor_s_per_prompt", "projected_run_s",
                               "projected_run_min", "trainable_parameters", "first_iteration_s"])

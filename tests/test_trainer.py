@@ -45,6 +45,10 @@ def test_svare_lora_trains_every_adapter_tensor(anchors):
     trainer = _trainer(anchors)
     before = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
     assert before and all("attn1" not in k for k in before)  # default targets: cross-attention + FFN
+    decay = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(decay[id(p)] == (trainer.config.adam_weight_decay if p.ndim >= 2 else 0.0)
+               for p in trainer.trainable_parameters())
+    assert not trainer.optimizer.defaults["fused"]  # the fused AdamW kernel is for CUDA only
     trainer.train(progress=False)
     after = trainer.trainable_state_dict()
     assert [k for k in before if torch.equal(before[k], after[k])] == []
@@ -331,7 +335,7 @@ def test_compiled_blocks_train_like_eager_blocks(anchors, checkpointing, budget)
         trainer = ErasureTrainer(tiny_pipeline(), ErasureConfig(learning_rate=1e-3, max_train_steps=3), PAIRS,
                                  anchors, seed=0, gradient_checkpointing=checkpointing, compile_blocks=compile_blocks,
                                  activation_memory_budget=budget if compile_blocks else None)
-        assert trainer.transformer.device.type == "cuda"
+        assert trainer.transformer.device.type == "cuda" and trainer.optimizer.defaults["fused"]  # fused AdamW
         start = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
         logs = [trainer.training_step(step) for step in range(3)]
         update = torch.cat([(v - start[k]).flatten().float() for k, v in trainer.trainable_state_dict().items()])

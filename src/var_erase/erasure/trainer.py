@@ -74,7 +74,8 @@ class ErasureTrainer:
             set during the training steps); the compiler's partitioner recomputes the rest, choosing the cheapest
             recomputation, where ``gradient_checkpointing`` recomputes whole blocks. At Infinity-2B, batch 2, on an
             H200: 0.05 gives 1.62 s per iteration at 18.3 GiB (0.1, measured earlier: 1.66 s at 20.7 GiB),
-            against 1.79 s at 17.9 GiB with selective checkpointing (docs/performance.md).
+            against 1.79 s at 17.9 GiB with selective checkpointing; 0.4 gives 1.47 s at 37 GiB and 0.7 1.41 s at
+            55 GiB (docs/performance.md).
     """
 
     def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
@@ -164,13 +165,15 @@ class ErasureTrainer:
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        """AdamW as the reference: weight decay on matrices only."""
+        """AdamW as the reference: weight decay on matrices only. On CUDA (without FSDP) the fused kernel: the same
+        update in one launch per step instead of many per tensor (a LoRA of 2B has hundreds of small tensors)."""
         cfg = self.config
         params = self.trainable_parameters()
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.adam_weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        fused = bool(params) and all(p.is_cuda for p in params) and not self._fsdp
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.effective_learning_rate,
-                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
+                                 betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
 
     # ----------------------------------------------------------------------------------------------------------------
     # batches
