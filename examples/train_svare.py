@@ -29,7 +29,13 @@ from var_erase.erasure.anchors import load_or_sample_anchors
 from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, METHODS, ErasureConfig
 from var_erase.erasure.prompts import PromptPair, load_prompt_pairs
 from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget, latest_checkpoint
-from var_erase.hub import AdapterMetadata, push_adapter_to_hub, render_model_card, save_model_card
+from var_erase.hub import (
+    AdapterMetadata,
+    pipeline_fingerprint,
+    push_adapter_to_hub,
+    render_model_card,
+    save_model_card,
+)
 from var_erase.loaders.lora import adapters_disabled
 from var_erase.pipelines.pipeline_var import VARPipeline
 
@@ -244,7 +250,7 @@ def main(argv=None) -> str:
     anchor_prompts = list(dict.fromkeys([p.safe for p in pairs] + retain))  # + retain prompts (extension)
     anchors = load_or_sample_anchors(
         pipe, anchor_prompts, args.anchor_cache_dir or os.path.join(args.output_dir, "anchors"),
-        model_id=str(args.pretrained_model_name_or_path), anchors_per_prompt=args.anchors_per_prompt,
+        model_id=pipeline_fingerprint(pipe), anchors_per_prompt=args.anchors_per_prompt,
         guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature, top_k=config.anchor_top_k,
         top_p=config.anchor_top_p, seed=config.anchor_seed, progress=accelerator.is_main_process)
 

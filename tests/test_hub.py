@@ -35,6 +35,7 @@ from var_erase.hub import (
     check_adapter_compatibility,
     default_template_path,
     model_fingerprint,
+    pipeline_fingerprint,
     push_adapter_to_hub,
     read_adapter_metadata,
     render_model_card,
@@ -407,3 +408,26 @@ def test_pipeline_loads_an_adapter_by_repo_id_online_then_offline(tmp_path, monk
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
     assert read_adapter_metadata(hub_repo_id) == metadata
     assert len(hub_server.requests) == requests_before  # nothing reached the Hub
+
+
+def test_pipeline_fingerprint_names_every_sampling_component_and_follows_the_weights(tmp_path):
+    """The anchor cache's key: equal for the same weights loaded from two places, different when the transformer, the
+    VAE or the text encoder changes."""
+    from var_erase.pipelines.pipeline_var import VARPipeline
+
+    from ._tiny import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    digest = pipeline_fingerprint(pipe)
+    assert [part.split(":")[0] for part in digest.split("|")] == ["transformer", "vae", "text_encoder"]
+    for where in ("a", "b"):
+        pipe.save_pretrained(tmp_path / where)
+    assert pipeline_fingerprint(VARPipeline.from_pretrained(tmp_path / "a")) == digest
+    assert pipeline_fingerprint(VARPipeline.from_pretrained(tmp_path / "b")) == digest
+    for name in ("transformer", "vae", "text_encoder"):
+        changed = tiny_pipeline()
+        with torch.no_grad():
+            for p in getattr(changed, name).parameters():
+                p.add_(1.0)
+        assert pipeline_fingerprint(changed) != digest, name
+

@@ -111,7 +111,8 @@ PROBE_SAMPLES = 4096
 PROBE_TOLERANCE = 0.05
 """A probe matches when it moved by less than this fraction of the sample's norm. Re-casting weights (fp32 <-> bf16 /
 fp16) moves it by ~1e-3; another model, even one trained from the same recipe, by ~1."""
-_VOLATILE_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "name_or_path", "use_cache"}
+# config keys that say how a model was saved or run, not what it computes (transformers adds "architectures" on save)
+_VOLATILE_CONFIG_KEYS = {"torch_dtype", "dtype", "transformers_version", "name_or_path", "use_cache", "architectures"}
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,14 @@ def compute_fingerprint(module: torch.nn.Module) -> ModelFingerprint:
 def model_fingerprint(module: torch.nn.Module) -> str:
     """A short, stable identity string for ``module``'s config and weights (see :func:`compute_fingerprint`)."""
     return compute_fingerprint(module).digest
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """The identity of what a pipeline samples with: the fingerprints of its transformer, VAE and text encoder, e.g.
+    the key of cached anchors, which stays valid wherever the same weights are installed (a path would not)."""
+    parts = [f"{name}:{model_fingerprint(getattr(pipe, name))}" for name in ("transformer", "vae", "text_encoder")
+             if getattr(pipe, name, None) is not None]
+    return "|".join(parts)
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

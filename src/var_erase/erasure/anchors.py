@@ -122,7 +122,11 @@ def sample_anchors(
 
 
 def load_or_sample_anchors(pipe, prompts: list[str], cache_dir: str | None, model_id: str, **kwargs) -> AnchorSet:
-    """:func:`sample_anchors`, reusing ``cache_dir/anchors-<key>.safetensors`` when the same request was cached."""
+    """:func:`sample_anchors`, reusing ``cache_dir/anchors-<key>.safetensors`` when the same request was cached.
+
+    ``model_id`` names the weights the anchors come from; :func:`var_erase.hub.pipeline_fingerprint` (what
+    ``train_svare.py`` passes) keeps the cache valid wherever the same weights are installed, unlike a path.
+    """
     settings = {k: v for k, v in kwargs.items() if k not in ("batch_size", "progress")}
     path = None
     if cache_dir is not None:
