@@ -26,7 +26,7 @@ from peft import LoraConfig
 
 from var_erase import DEFAULT_MODEL
 from var_erase.erasure.anchors import load_or_sample_anchors
-from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, METHODS, ErasureConfig
+from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, LR_SCHEDULERS, METHODS, ErasureConfig
 from var_erase.erasure.prompts import PromptPair, load_prompt_pairs
 from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget, latest_checkpoint
 from var_erase.hub import (
@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train_modules", default=None,
                    help="full fine-tune of these modules instead of LoRA, e.g. 'attn2,ff' (the reference's CA + FFN)")
     p.add_argument("--learning_rate", type=float, default=None, help="default: 1e-4 for LoRA, 2.34e-5 full")
+    p.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="constant",
+                   help="learning-rate schedule over --max_train_steps (diffusers' names; the reference: constant)")
+    p.add_argument("--lr_warmup_steps", type=int, default=0, help="iterations of linear warm-up of the schedule")
     p.add_argument("--max_train_steps", type=int, default=500)
     p.add_argument("--train_batch_size", type=int, default=2)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -193,7 +196,8 @@ def resolve_retain_prompts(args, concepts: list[str]) -> list[str]:
 def erasure_config(args) -> ErasureConfig:
     modules = args.train_modules.split(",") if args.train_modules else None
     return ErasureConfig(
-        method=args.method, learning_rate=args.learning_rate, max_train_steps=args.max_train_steps,
+        method=args.method, learning_rate=args.learning_rate, lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=args.lr_warmup_steps, max_train_steps=args.max_train_steps,
         train_batch_size=args.train_batch_size, update=args.update, token_threshold=args.token_threshold,
         preservation_weight=args.preservation_weight, num_train_scales=args.num_train_scales,
         first_erase_scale=args.first_erase_scale,

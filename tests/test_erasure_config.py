@@ -7,6 +7,7 @@ import pytest
 
 from var_erase.erasure import losses
 from var_erase.erasure.config import (
+    LR_SCHEDULERS,
     METHODS,
     REFERENCE_LEARNING_RATE,
     ErasureConfig,
@@ -22,6 +23,7 @@ def test_defaults_are_the_reference_code():
     assert c.comparison == ">=" and c.normalize == "all_tokens" and c.kl_reduction == "code"
     assert c.preservation_weight == 0.5 and c.update == "alternating"
     assert c.max_train_steps == 500 and c.train_batch_size == 2 and c.cond_drop_rate == 0.1
+    assert (c.lr_scheduler, c.lr_warmup_steps) == ("constant", 0)  # the reference's lin0 with wpe=1.0
     assert (c.adam_beta1, c.adam_beta2, c.adam_weight_decay, c.max_grad_norm) == (0.9, 0.97, 0.005, 5.0)
     assert (c.anchor_guidance_scale, c.anchor_temperature, c.anchor_top_k, c.anchor_top_p, c.anchor_seed) == (
         4.0, 1.0, 900, 0.97, 42)
@@ -81,6 +83,12 @@ def test_from_dict_rejects_unknown_fields():
         ErasureConfig.from_dict({"alpha": 0.25})
 
 
+def test_lr_schedulers_are_diffusers_names():
+    from diffusers.optimization import SchedulerType
+
+    assert set(LR_SCHEDULERS) <= {t.value for t in SchedulerType}
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -98,6 +106,8 @@ def test_from_dict_rejects_unknown_fields():
         ({"retain_batch_size": 0}, "retain_batch_size must be None"),
         ({"learning_rate": 0.0}, "learning_rate must be None"),
         ({"max_train_steps": 0}, "max_train_steps must be an integer >= 1"),
+        ({"lr_scheduler": "cosine_annealing"}, r"lr_scheduler must be one of \['constant'"),
+        ({"lr_warmup_steps": -1}, "lr_warmup_steps must be an integer >= 0"),
         ({"train_batch_size": 1.5}, "train_batch_size must be an integer >= 1"),
         ({"adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\)"),
         ({"cond_drop_rate": 1.0}, r"cond_drop_rate must be a probability in \[0, 1\)"),

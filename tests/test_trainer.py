@@ -355,3 +355,22 @@ def test_activation_memory_budget_needs_compiled_blocks_without_checkpointing(an
                        activation_memory_budget=0.1)
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         ErasureTrainer(tiny_pipeline(), config, PAIRS, anchors, compile_blocks=True, activation_memory_budget=1.5)
+
+
+def test_lr_schedule_spans_the_run_and_resumes_where_it_stopped(anchors, tmp_path):
+    """Cosine over 4 iterations of two optimizer steps each: the rate falls every iteration and reaches 0 with the
+    last step; a run resumed from step 2 continues the same rates and ends with the same weights."""
+    settings = dict(max_train_steps=4, cond_drop_rate=0.0, lr_scheduler="cosine", lr_warmup_steps=1)
+    full = _trainer(anchors, **settings)
+    full.train(progress=False)
+    rates = [h["lr"] for h in full.state.history]
+    assert rates[0] == 0.0 and rates[1] == pytest.approx(1e-2)  # one iteration of warm-up from 0
+    assert rates[1] > rates[2] > rates[3] > 0 and full.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)
+    first = _trainer(anchors, **settings)
+    first.train(max_train_steps=2, checkpointing_steps=2, output_dir=str(tmp_path), progress=False)
+    resumed = _trainer(anchors, **settings)
+    resumed.load_checkpoint(latest_checkpoint(str(tmp_path)))
+    resumed.train(progress=False)
+    assert [h["lr"] for h in resumed.state.history] == pytest.approx(rates)
+    for k, v in full.trainable_state_dict().items():
+        assert torch.allclose(v, resumed.trainable_state_dict()[k], atol=1e-6), k

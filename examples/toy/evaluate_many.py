@@ -41,6 +41,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--lora_scale", type=float, default=1.0, help="strength of every adapter at inference")
     p.add_argument("--adapter_branch", choices=BRANCHES, default="both",
                    help="guidance branch(es) the adapters act on (diagnostic; default both, as in normal use)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the model and the oracle, e.g. 'cuda' (default cpu: the documented numbers; "
+                        "images are drawn from the same per-image CPU seeds on any device, equal up to float rounding)")
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     for c in args.target_concept:
@@ -48,9 +51,9 @@ def main(argv=None) -> list[dict]:
     rows = kind_evaluation_prompts(args.target_concept, args.prompts_per_concept, args.seed)
     para = evaluation_prompts(args.target_concept, args.prompts_per_concept, args.seed + 2,
                               split="heldout_paraphrase")
-    pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    oracle = OracleClassifier.from_pretrained(ORACLE_PATH)
+    oracle = OracleClassifier.from_pretrained(ORACLE_PATH).to(args.device)
     kwargs = dict(seed=args.seed, batch_size=32, progress=False, guidance_scale=4.0, temperature=0.5)
     results = []
     for adapter in ([None] if args.base else []) + args.lora:

@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 METHODS: tuple[str, ...] = ("svare", "vare", "fce", "naive", "esd")
+# learning-rate schedules of ``diffusers.optimization.get_scheduler`` that need no further arguments
+LR_SCHEDULERS: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                                  "polynomial")
 
 _METHOD_LOSSES: dict[str, tuple[str, ...]] = {
     "svare": ("filtered_cross_entropy", "preservation_kl"),
@@ -137,6 +140,11 @@ class ErasureConfig:
             lambda * L_Pre) or ``"joint"`` (one step on L_FCE + lambda * L_Pre, as the paper's total loss reads).
             Only matters for methods with two losses.
         learning_rate: ``None`` = :func:`default_learning_rate` of the fine-tune mode.
+        lr_scheduler / lr_warmup_steps: the learning-rate schedule, by name from ``diffusers.optimization`` (as
+            diffusers' training scripts: ``"constant"``, ``"linear"``, ``"cosine"``, ...) over ``max_train_steps``
+            iterations, after ``lr_warmup_steps`` iterations of linear warm-up. Default ``"constant"`` and 0: the
+            reference's ``lin0`` schedule with ``wpe=1.0`` keeps the rate constant. Both optimizer steps of an
+            alternating iteration advance the schedule by one iteration together.
         max_train_steps (500), train_batch_size (2 prompt pairs), AdamW betas (0.9, 0.97), weight decay 0.005,
         gradient clipping 5, cond_drop_rate 0.1 (the text is replaced by the unconditional embedding in 10% of
         samples, in both steps, as the code's training mode does).
@@ -173,6 +181,8 @@ class ErasureConfig:
     # 2. optimisation
     update: str = "alternating"
     learning_rate: float | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     max_train_steps: int = 500
     train_batch_size: int = 2
     adam_beta1: float = 0.9
@@ -274,6 +284,8 @@ class ErasureConfig:
               "an integer >= 1 (1: every trained scale) and <= num_train_scales")
         check("learning_rate", lambda v: v is None or (_number(v) and v > 0), "None (the default) or a number > 0")
         check("max_train_steps", lambda v: _integer(v, 1), "an integer >= 1")
+        check("lr_scheduler", lambda v: v in LR_SCHEDULERS, f"one of {list(LR_SCHEDULERS)} (diffusers' names)")
+        check("lr_warmup_steps", lambda v: _integer(v, 0), "an integer >= 0 (iterations of linear warm-up)")
         check("train_batch_size", lambda v: _integer(v, 1), "an integer >= 1")
         check("adam_beta1", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("adam_beta2", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")

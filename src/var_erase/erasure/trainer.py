@@ -112,7 +112,9 @@ class ErasureTrainer:
         if compile_blocks:
             self.transformer.compile_repeated_blocks()
         self.optimizer = self._optimizer()
-        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self.lr_scheduler = self._lr_scheduler()
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.transformer, self.optimizer,
+                                                                                 self.lr_scheduler)
         self._register_checkpoint_hooks()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -174,6 +176,18 @@ class ErasureTrainer:
         fused = bool(params) and all(p.is_cuda for p in params) and not self._fsdp
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.effective_learning_rate,
                                  betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused or None)
+
+    def _lr_scheduler(self):
+        """diffusers' schedule by name, counted in optimizer steps: one per iteration per loss of the alternating
+        update, times the processes (accelerate steps a prepared scheduler once per process, as diffusers' scripts
+        count)."""
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.config
+        two_steps = "preservation_kl" in cfg.losses and cfg.update == "alternating"
+        per_iteration = (2 if two_steps else 1) * self.accelerator.num_processes
+        return get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.lr_warmup_steps * per_iteration,
+                             num_training_steps=cfg.max_train_steps * per_iteration)
 
     # ----------------------------------------------------------------------------------------------------------------
     # batches
@@ -352,6 +366,7 @@ class ErasureTrainer:
         params = self.model.parameters() if self._fsdp else self.trainable_parameters()
         self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
+        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
@@ -367,7 +382,7 @@ class ErasureTrainer:
             retain_prompts, retain_rows = self.retain_batch(index)
             retain_batches.append((retain_prompts, self._anchor_batch(retain_rows)) if retain_prompts else None)
             ids.append((list(range(index * b, index * b + b)), list(range(index * rb, index * rb + rb))))
-        logs: dict = {}
+        logs: dict = {"lr": self.lr_scheduler.get_last_lr()[0]}  # the rate of this iteration's first step
 
         def erase(micro):
             loss, extra = self.erase_loss(*micro_batches[micro], sample_ids=ids[micro][0])
