@@ -1,0 +1,83 @@
+"""Write the job list of a many-seed toy erasure sweep (for scripts/run_jobs.py): train, then evaluate twice.
+
+    python scripts/toy_erasure_sweep.py --recipes tri-const900,tri-cos900 --seeds 0-7 --base > jobs.jsonl
+
+Each job trains one recipe at one seed with ``examples/train_svare.py`` and evaluates the adapter with
+``examples/toy/evaluate_many.py`` on the test prompts (evaluation seed 0) and on the validation prompts (seed 1).
+``--base`` adds one job per concept set that evaluates the base model the same way. The recipes are those of
+docs/results.md, "Many training seeds on the H200" (sixth round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+TRIANGLE = ("--concept triangle --num_pairs 50 --rank 8 --num_train_scales 5 --learning_rate 1e-3 "
+            "--preservation_student guided --retain_prompts_per_concept 48 --retain_batch_size 4 "
+            "--retain_teacher guided --retain_student guided --retain_weight 0.25")
+OUTLINED = "--concept outlined --num_pairs 50 --rank 8 --learning_rate 1e-3 --pair_wording balanced"
+FIVE_SHAPES = ["triangle", "circle", "square", "star", "heart"]
+FIVE = (" ".join(f"--concept {c}" for c in FIVE_SHAPES) + " --num_pairs 50 --rank 8 --learning_rate 1e-3 "
+        "--num_train_scales 5 --pair_wording balanced --preservation_student guided")
+# name: (training arguments, evaluated targets, prompts per concept)
+RECIPES = {
+    "tri-const900": (TRIANGLE + " --max_train_steps 900", ["triangle"], 48),
+    "tri-cos900": (TRIANGLE + " --max_train_steps 900 --lr_scheduler cosine", ["triangle"], 48),
+    "out-const900": (OUTLINED + " --max_train_steps 900", ["outlined"], 48),
+    "out-cos1500": (OUTLINED + " --max_train_steps 1500 --lr_scheduler cosine", ["outlined"], 48),
+    "five-const1500": (FIVE + " --max_train_steps 1500", FIVE_SHAPES, 32),
+    "five-cos3000": (FIVE + " --max_train_steps 3000 --lr_scheduler cosine", FIVE_SHAPES, 32),
+}
+BASES = {"tri": (["triangle"], 48), "out": (["outlined"], 48), "five": (FIVE_SHAPES, 32)}
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", required=True, help=f"comma-separated, of {list(RECIPES)}")
+    p.add_argument("--seeds", default="0-7", help="training seeds: '0-7' or '0,3,5'")
+    p.add_argument("--base", action="store_true", help="also evaluate the base model for each recipe's targets")
+    p.add_argument("--pretrained_model_name_or_path", default=None)
+    p.add_argument("--device", default="cuda", help="evaluation device (training uses accelerate's choice)")
+    p.add_argument("--anchor_cache_dir", default="outputs/anchors")
+    p.add_argument("--estimate_s", type=float, default=60, help="do not start a job with less time than this left")
+    args = p.parse_args(argv)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; choose from {list(RECIPES)}")
+    model = f" --pretrained_model_name_or_path {args.pretrained_model_name_or_path}" \
+        if args.pretrained_model_name_or_path else ""
+    evaluate = f"python examples/toy/evaluate_many.py --device {args.device}{model}"
+
+    def evaluations(targets, p_per_concept, what):
+        t = " ".join(f"--target_concept {c}" for c in targets)
+        return [f"{evaluate} {t} {what} --seed {s} --prompts_per_concept {p_per_concept} "
+                f"--output_json {{D}}/eval_s{s}.json" for s in (0, 1)]
+
+    jobs = []
+    if args.base:
+        for prefix in dict.fromkeys(r.split("-")[0] for r in recipes):
+            targets, n = BASES[prefix]
+            jobs.append({"name": f"base-{prefix}", "cmds": evaluations(targets, n, "--base")})
+    for seed in _seeds(args.seeds):
+        for recipe in recipes:
+            train_args, targets, n = RECIPES[recipe]
+            train = (f"python examples/train_svare.py{model} {train_args} --seed {seed} --num_validation_images 0 "
+                     f"--anchor_cache_dir {args.anchor_cache_dir} --output_dir {{D}}")
+            jobs.append({"name": f"{recipe}-s{seed}", "cmds": [train] + evaluations(targets, n, "--lora {D}"),
+                         "estimate_s": args.estimate_s})
+    for job in jobs:
+        print(json.dumps(job))
+    return jobs
+
+
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        first, last = text.split("-")
+        return list(range(int(first), int(last) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+if __name__ == "__main__":
+    main()

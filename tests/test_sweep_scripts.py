@@ -1,0 +1,56 @@
+"""scripts/run_jobs.py (parallel, resumable job runner) and scripts/toy_erasure_sweep.py (its job lists)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_jobs_run_in_order_stop_at_a_failure_and_resume(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    counter = tmp_path / "count"
+    lines = [{"name": "ok", "cmds": [f"echo one >> {counter}", "echo made > {D}/out.txt"]},
+             {"name": "bad", "cmds": ["exit 3", "echo never > {D}/never.txt"]},
+             {"name": "late", "cmds": ["echo late"], "estimate_s": 1e9}]
+    jobs.write_text("\n".join(json.dumps(j) for j in lines))
+    run_jobs = _script("run_jobs")
+    out = tmp_path / "sweep"
+    results = {r["name"]: r for r in run_jobs.main([str(jobs), "--parallel", "2", "--deadline_s", "100",
+                                                    "--output_dir", str(out)])}
+    assert results["ok"]["rc"] == 0 and (out / "ok" / "out.txt").read_text() == "made\n"
+    assert results["bad"]["rc"] == 3 and len(results["bad"]["seconds"]) == 1
+    assert not (out / "bad" / "never.txt").exists()
+    assert results["late"] == {"name": "late", "rc": None, "skipped": "deadline"}
+    run_jobs.main([str(jobs), "--output_dir", str(out), "--deadline_s", "100"])  # again: 'ok' is not rerun
+    assert counter.read_text() == "one\n"
+    ledger = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["name"] for r in ledger].count("bad") == 2 and [r["name"] for r in ledger].count("ok") == 1
+
+
+def test_bad_job_files_are_refused(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"name": "a", "cmds": ["true"]}) + "\n" + json.dumps({"name": "a", "cmds": []}))
+    with pytest.raises(SystemExit, match="unique"):
+        _script("run_jobs").main([str(jobs), "--output_dir", str(tmp_path / "o")])
+
+
+def test_sweep_job_list_trains_then_evaluates_on_both_splits():
+    jobs = _script("toy_erasure_sweep").main(["--recipes", "tri-cos900,five-const1500", "--seeds", "2,5", "--base"])
+    assert [j["name"] for j in jobs] == ["base-tri", "base-five", "tri-cos900-s2", "five-const1500-s2",
+                                         "tri-cos900-s5", "five-const1500-s5"]
+    train, test, validation = jobs[2]["cmds"]
+    assert "--seed 2 " in train and "--lr_scheduler cosine" in train and "--output_dir {D}" in train
+    assert "--lora {D} --seed 0 --prompts_per_concept 48" in test and "--seed 1 " in validation
+    assert jobs[3]["cmds"][1].count("--target_concept") == 5 and "--prompts_per_concept 32" in jobs[3]["cmds"][1]
+    with pytest.raises(SystemExit, match="unknown recipe"):
+        _script("toy_erasure_sweep").main(["--recipes", "tri-sgd"])
