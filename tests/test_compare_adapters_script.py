@@ -1,21 +1,17 @@
 """scripts/compare_adapters.py: tensor-by-tensor comparison of two adapters (the multi-GPU equality check)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_adapters.py"
+from ._scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("compare_adapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/compare_adapters.py")
 
 
 def _save(folder: Path, tensors: dict) -> str:

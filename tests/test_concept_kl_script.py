@@ -1,6 +1,5 @@
 """examples/toy/concept_kl.py: per-concept guided KL between the frozen model and an adapter."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,16 +9,12 @@ from peft.utils import get_peft_model_state_dict
 
 from var_erase.pipelines.pipeline_var import VARPipeline
 
+from ._scripts import load_script
 from ._tiny import LORA_TARGETS, tiny_pipeline
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "toy" / "concept_kl.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("concept_kl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/toy/concept_kl.py")
 
 
 def _adapter(path: Path, std: float) -> str:

@@ -9,6 +9,7 @@ from var_erase.erasure.soup import load_adapter_soup, save_adapter_soup, soup_lo
 from var_erase.hub import AdapterMetadata, read_adapter_metadata
 from var_erase.pipelines.pipeline_var import VARPipeline
 
+from ._scripts import load_script
 from ._tiny import LORA_TARGETS, tiny_pipeline
 from .test_lora import _probe
 
@@ -85,15 +86,9 @@ def test_bad_soups_are_refused(adapters):
 
 
 def test_soup_script_writes_adapter_and_card(adapters, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "examples" / "soup_adapters.py"
-    spec = importlib.util.spec_from_file_location("soup_adapters", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = script.main(["--lora", str(adapters[0]), "--lora", str(adapters[1]), "--weights", "0.25", "0.75",
-                       "--scale", "2", "--output_dir", str(tmp_path / "soup")])
-    card = (Path(out) / "README.md").read_text()
+    argv = ["--lora", str(adapters[0]), "--lora", str(adapters[1]), "--weights", "0.25", "0.75", "--scale", "2",
+            "--output_dir", str(tmp_path / "soup")]
+    out = load_script("examples/soup_adapters.py").main(argv)
+    card = (tmp_path / "soup" / "README.md").read_text()
     assert "circle erased" in card and '"member_seeds": [0, 1]' in card
     assert read_adapter_metadata(out).hyperparameters["soup"]["weights"] == [0.25, 0.75]

@@ -1,19 +1,14 @@
 """scripts/run_jobs.py (parallel, resumable job runner) and scripts/toy_erasure_sweep.py (its job lists)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+from ._scripts import load_script
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"scripts/{name}.py")
 
 
 def test_jobs_run_in_order_stop_at_a_failure_and_resume(tmp_path):
