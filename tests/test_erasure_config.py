@@ -108,6 +108,7 @@ def test_lr_schedulers_are_diffusers_names():
         ({"max_train_steps": 0}, "max_train_steps must be an integer >= 1"),
         ({"lr_scheduler": "cosine_annealing"}, r"lr_scheduler must be one of \['constant'"),
         ({"lr_warmup_steps": -1}, "lr_warmup_steps must be an integer >= 0"),
+        ({"lr_warmup_steps": 10}, "'constant' has none: use 'constant_with_warmup'"),
         ({"train_batch_size": 1.5}, "train_batch_size must be an integer >= 1"),
         ({"adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\)"),
         ({"cond_drop_rate": 1.0}, r"cond_drop_rate must be a probability in \[0, 1\)"),

@@ -285,7 +285,8 @@ class ErasureConfig:
         check("learning_rate", lambda v: v is None or (_number(v) and v > 0), "None (the default) or a number > 0")
         check("max_train_steps", lambda v: _integer(v, 1), "an integer >= 1")
         check("lr_scheduler", lambda v: v in LR_SCHEDULERS, f"one of {list(LR_SCHEDULERS)} (diffusers' names)")
-        check("lr_warmup_steps", lambda v: _integer(v, 0), "an integer >= 0 (iterations of linear warm-up)")
+        check("lr_warmup_steps", lambda v: _integer(v, 0) and (v == 0 or self.lr_scheduler != "constant"),
+              "an integer >= 0 (iterations of linear warm-up); 'constant' has none: use 'constant_with_warmup'")
         check("train_batch_size", lambda v: _integer(v, 1), "an integer >= 1")
         check("adam_beta1", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
         check("adam_beta2", lambda v: _number(v) and 0 <= v < 1, "in [0, 1)")
