@@ -27,6 +27,7 @@ RECIPES = {
     "out-const900": (OUTLINED + " --max_train_steps 900", ["outlined"], 48),
     "out-cos1500": (OUTLINED + " --max_train_steps 1500 --lr_scheduler cosine", ["outlined"], 48),
     "out-cos3000": (OUTLINED + " --max_train_steps 3000 --lr_scheduler cosine", ["outlined"], 48),
+    "out-a4-const900": (OUTLINED + " --max_train_steps 900 --anchors_per_prompt 4", ["outlined"], 48),
     "five-const1500": (FIVE + " --max_train_steps 1500", FIVE_SHAPES, 32),
     "five-cos3000": (FIVE + " --max_train_steps 3000 --lr_scheduler cosine", FIVE_SHAPES, 32),
 }
