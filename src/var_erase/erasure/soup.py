@@ -29,7 +29,7 @@ from dataclasses import replace
 
 import torch
 
-from ..hub import AdapterMetadata, read_adapter_metadata
+from ..hub import AdapterMetadata
 from ..loaders.lora import VARLoraLoaderMixin
 
 PREFIX = "transformer."
@@ -80,9 +80,11 @@ def load_adapter_soup(
         raise ValueError(f"{len(weights)} weights for {len(sources)} adapters: give one weight per adapter")
     if not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"scale must be a number > 0, got {scale!r}")
-    state_dicts, configs = [], []
+    state_dicts, configs, members = [], [], []
     for source in sources:
-        sd, config = VARLoraLoaderMixin.lora_state_dict(source, return_lora_metadata=True)
+        sd, config, header = VARLoraLoaderMixin.lora_state_dict(source, return_lora_metadata=True,
+                                                                 return_file_metadata=True)
+        members.append(AdapterMetadata.from_safetensors_metadata(header, source=source))
         if not config:
             raise ValueError(f"{source} has no LoRA config (lora_adapter_metadata) in its header, so its alpha is "
                              "unknown; save it with save_lora_weights(..., transformer_lora_adapter_metadata=...)")
@@ -98,11 +100,11 @@ def load_adapter_soup(
     state_dict = soup_lora_state_dicts(state_dicts, scalings, [scale * w for w in weights])
     rank = sum(int(c["r"]) for c in configs)
     config = dict(configs[0]) | {"r": rank, "lora_alpha": float(rank)}
-    return state_dict, config, _soup_metadata(sources, weights, scale, rank)
+    return state_dict, config, _soup_metadata(sources, members, weights, scale, rank)
 
 
-def _soup_metadata(sources: list[str], weights: list[float], scale: float, rank: int) -> AdapterMetadata | None:
-    members = [read_adapter_metadata(s) for s in sources]
+def _soup_metadata(sources: list[str], members: list[AdapterMetadata | None], weights: list[float], scale: float,
+                   rank: int) -> AdapterMetadata | None:
     if all(m is None for m in members):
         return None
     if any(m is None for m in members):

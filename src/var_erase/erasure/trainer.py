@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator, DistributedType
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.helpers import disable_input_dtype_casting
@@ -181,8 +182,6 @@ class ErasureTrainer:
         """diffusers' schedule by name, counted in optimizer steps: one per iteration per loss of the alternating
         update, times the processes (accelerate steps a prepared scheduler once per process, as diffusers' scripts
         count)."""
-        from diffusers.optimization import get_scheduler
-
         cfg = self.config
         two_steps = "preservation_kl" in cfg.losses and cfg.update == "alternating"
         per_iteration = (2 if two_steps else 1) * self.accelerator.num_processes
