@@ -156,9 +156,19 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
                              f"pass --prompt_pairs FILE with its unsafe/safe pairs.") from err
         generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train",
                                                 balanced=args.pair_wording == "balanced",
-                                                replacements=replacements_for(name, args.concept, args.replacement))
+                                                replacements=replacements_for(name, args.concept, args.replacement),
+                                                avoid=others_erased(name, args.concept))
         pairs += [PromptPair(g.unsafe, g.safe, g.concept) for g in generated]
     return list(dict.fromkeys(pairs)), args.concept
+
+
+def others_erased(name: str, concepts: list[str]) -> list[str]:
+    """The concepts of other kinds erased in the same run: ``name``'s pairs must not show them (on either side), or
+    its safe prompts would ask for a concept that another pair erases (see ``caption_for_concept_prompts``)."""
+    from var_erase.toy.concepts import get_concept
+
+    kind = get_concept(name).kind
+    return list(dict.fromkeys(get_concept(c).name for c in concepts if get_concept(c).kind != kind))
 
 
 def replacements_for(name: str, concepts: list[str], asked: list[str]) -> list[str] | None:

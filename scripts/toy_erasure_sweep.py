@@ -5,7 +5,11 @@
 Each job trains one recipe at one seed with ``examples/train_svare.py`` and evaluates the adapter with
 ``examples/toy/evaluate_many.py`` on the test prompts (evaluation seed 0) and on the validation prompts (seed 1).
 ``--base`` adds one job per concept set that evaluates the base model the same way. The recipes are those of
-docs/results.md, "Many training seeds on the H200" (sixth round).
+docs/results.md, "Many training seeds on the H200" (sixth round). ``--concepts`` runs the one-concept recipes on other
+concepts of the toy world (the shape recipes on any shape, the style recipes on any style), to see which concepts a
+recipe erases reliably rather than how one concept fares:
+
+    python scripts/toy_erasure_sweep.py --recipes tri-cos900 --concepts star,heart --seeds 0-2 --base > jobs.jsonl
 """
 
 from __future__ import annotations
@@ -13,13 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 
+from var_erase.toy.concepts import CONCEPTS_BY_KIND
+
 TRIANGLE = ("--concept triangle --num_pairs 50 --rank 8 --num_train_scales 5 --learning_rate 1e-3 "
             "--preservation_student guided --retain_prompts_per_concept 48 --retain_batch_size 4 "
             "--retain_teacher guided --retain_student guided --retain_weight 0.25")
 OUTLINED = "--concept outlined --num_pairs 50 --rank 8 --learning_rate 1e-3 --pair_wording balanced"
 FIVE_SHAPES = ["triangle", "circle", "square", "star", "heart"]
-FIVE = (" ".join(f"--concept {c}" for c in FIVE_SHAPES) + " --num_pairs 50 --rank 8 --learning_rate 1e-3 "
-        "--num_train_scales 5 --pair_wording balanced --preservation_student guided")
+# the five shapes that one-shape erasure left least of (seventh round), and a mixed set: the style it erased reliably
+# with four of those shapes
+FIVE_BEST = ["triangle", "star", "cross", "diamond", "square"]
+FIVE_MIXED = ["dotted", "star", "cross", "diamond", "square"]
+
+
+def _five(concepts: list[str]) -> str:
+    return (" ".join(f"--concept {c}" for c in concepts) + " --num_pairs 50 --rank 8 --learning_rate 1e-3 "
+            "--num_train_scales 5 --pair_wording balanced --preservation_student guided")
+
+
+FIVE = _five(FIVE_SHAPES)
 # name: (training arguments, evaluated targets, prompts per concept)
 RECIPES = {
     "tri-const900": (TRIANGLE + " --max_train_steps 900", ["triangle"], 48),
@@ -30,8 +46,11 @@ RECIPES = {
     "out-a4-const900": (OUTLINED + " --max_train_steps 900 --anchors_per_prompt 4", ["outlined"], 48),
     "five-const1500": (FIVE + " --max_train_steps 1500", FIVE_SHAPES, 32),
     "five-cos3000": (FIVE + " --max_train_steps 3000 --lr_scheduler cosine", FIVE_SHAPES, 32),
+    "five-best-const1500": (_five(FIVE_BEST) + " --max_train_steps 1500", FIVE_BEST, 32),
+    "five-mixed-const1500": (_five(FIVE_MIXED) + " --max_train_steps 1500", FIVE_MIXED, 32),
 }
 BASES = {"tri": (["triangle"], 48), "out": (["outlined"], 48), "five": (FIVE_SHAPES, 32)}
+KIND_OF = {c.name: kind for kind, concepts in CONCEPTS_BY_KIND.items() for c in concepts}
 
 
 def main(argv=None) -> list[dict]:
@@ -39,6 +58,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--recipes", required=True, help=f"comma-separated, of {list(RECIPES)}")
     p.add_argument("--seeds", default="0-7", help="training seeds: '0-7' or '0,3,5'")
     p.add_argument("--base", action="store_true", help="also evaluate the base model for each recipe's targets")
+    p.add_argument("--concepts", default=None,
+                   help="comma-separated concepts, each run with every given one-concept recipe of its kind (a shape "
+                        "with tri-*, a style with out-*) instead of the recipe's own; job names gain the concept")
     p.add_argument("--pretrained_model_name_or_path", default=None)
     p.add_argument("--device", default="cuda", help="evaluation device (training uses accelerate's choice)")
     p.add_argument("--anchor_cache_dir", default="outputs/anchors")
@@ -48,6 +70,7 @@ def main(argv=None) -> list[dict]:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; choose from {list(RECIPES)}")
+    runs = _runs(recipes, args.concepts)
     model = f" --pretrained_model_name_or_path {args.pretrained_model_name_or_path}" \
         if args.pretrained_model_name_or_path else ""
     evaluate = f"python examples/toy/evaluate_many.py --device {args.device}{model}"
@@ -59,19 +82,54 @@ def main(argv=None) -> list[dict]:
 
     jobs = []
     if args.base:
-        for prefix in dict.fromkeys(r.split("-")[0] for r in recipes):
-            targets, n = BASES[prefix]
-            jobs.append({"name": f"base-{prefix}", "cmds": evaluations(targets, n, "--base")})
+        bases = {_base_name(targets): (targets, n) for _, (_, targets, n) in runs}
+        for base_name, (targets, n) in bases.items():
+            jobs.append({"name": base_name, "cmds": evaluations(targets, n, "--base")})
     for seed in _seeds(args.seeds):
-        for recipe in recipes:
-            train_args, targets, n = RECIPES[recipe]
+        for name, (train_args, targets, n) in runs:
             train = (f"python examples/train_svare.py{model} {train_args} --seed {seed} --num_validation_images 0 "
                      f"--anchor_cache_dir {args.anchor_cache_dir} --output_dir {{D}}")
-            jobs.append({"name": f"{recipe}-s{seed}", "cmds": [train] + evaluations(targets, n, "--lora {D}"),
+            jobs.append({"name": f"{name}-s{seed}", "cmds": [train] + evaluations(targets, n, "--lora {D}"),
                          "estimate_s": args.estimate_s})
     for job in jobs:
         print(json.dumps(job))
     return jobs
+
+
+def _runs(recipes: list[str], concepts: str | None) -> list[tuple[str, tuple[str, list[str], int]]]:
+    """(job name stem, (training arguments, targets, prompts per concept)) for each recipe, or recipe x concept."""
+    if concepts is None:
+        return [(recipe, RECIPES[recipe]) for recipe in recipes]
+    names = [c.strip() for c in concepts.split(",") if c.strip()]
+    unknown = [c for c in names if c not in KIND_OF]
+    if unknown:
+        raise SystemExit(f"unknown concept(s) {unknown}; the toy world's are {sorted(KIND_OF)}")
+    kinds = {}
+    for recipe in recipes:
+        targets = RECIPES[recipe][1]
+        if len(targets) != 1:
+            raise SystemExit(f"--concepts needs one-concept recipes; {recipe} erases {targets}")
+        kinds[recipe] = KIND_OF[targets[0]]
+    for concept in names:
+        if KIND_OF[concept] not in kinds.values():
+            raise SystemExit(f"{concept!r} is a {KIND_OF[concept]} and no recipe given is a {KIND_OF[concept]} "
+                             f"recipe (the recipes given erase a {sorted(set(kinds.values()))})")
+    runs = []
+    for recipe, kind in kinds.items():
+        train_args, (own,), n = RECIPES[recipe]
+        mine = [c for c in names if KIND_OF[c] == kind]
+        if not mine:
+            raise SystemExit(f"{recipe} is a {kind} recipe and --concepts names no {kind}")
+        for concept in mine:
+            args = train_args.replace(f"--concept {own} ", f"--concept {concept} ")
+            runs.append((f"{recipe}-{concept}", (args, [concept], n)))
+    return runs
+
+
+def _base_name(targets: list[str]) -> str:
+    """The name of the base-model evaluation a run is compared with: one per target set."""
+    known = {tuple(t): prefix for prefix, (t, _) in BASES.items()}
+    return f"base-{known.get(tuple(targets), '-'.join(targets))}"
 
 
 def _seeds(text: str) -> list[int]:

@@ -49,3 +49,21 @@ def test_sweep_job_list_trains_then_evaluates_on_both_splits():
     assert jobs[3]["cmds"][1].count("--target_concept") == 5 and "--prompts_per_concept 32" in jobs[3]["cmds"][1]
     with pytest.raises(SystemExit, match="unknown recipe"):
         _script("toy_erasure_sweep").main(["--recipes", "tri-sgd"])
+
+
+def test_sweep_runs_one_concept_recipes_on_other_concepts_of_their_kind():
+    sweep = _script("toy_erasure_sweep")
+    jobs = sweep.main(["--recipes", "tri-cos900,out-cos1500", "--concepts", "star,dotted", "--seeds", "0", "--base"])
+    assert [j["name"] for j in jobs] == ["base-star", "base-dotted", "tri-cos900-star-s0", "out-cos1500-dotted-s0"]
+    star_train, star_test, _ = jobs[2]["cmds"]
+    assert "--concept star " in star_train and "--concept triangle" not in star_train
+    assert "--retain_prompts_per_concept 48" in star_train and "--target_concept star --lora {D}" in star_test
+    assert "--concept dotted " in jobs[3]["cmds"][0] and "--max_train_steps 1500" in jobs[3]["cmds"][0]
+    with pytest.raises(SystemExit, match="no recipe given is a colour recipe"):
+        sweep.main(["--recipes", "tri-cos900", "--concepts", "red"])
+    with pytest.raises(SystemExit, match="names no style"):
+        sweep.main(["--recipes", "tri-cos900,out-cos1500", "--concepts", "star"])
+    with pytest.raises(SystemExit, match="one-concept recipes"):
+        sweep.main(["--recipes", "five-const1500", "--concepts", "star"])
+    with pytest.raises(SystemExit, match="unknown concept"):
+        sweep.main(["--recipes", "tri-cos900", "--concepts", "hexagon"])

@@ -153,6 +153,21 @@ def test_pairs_are_deterministic_from_the_seed_and_respect_replacements():
     assert concept_prompts("star", 10, seed=0) == [p.unsafe for p in caption_for_concept_prompts("star", 10, seed=0)]
 
 
+def test_pairs_avoid_concepts_of_other_kinds_on_both_sides():
+    avoid = ["star", "heart", "red"]
+    pairs = caption_for_concept_prompts("dotted", 40, seed=2, p_two_objects=0.5, avoid=avoid)
+    words = [w for name in avoid for w in get_concept(name).training_words]
+    for pair in pairs:
+        assert not any(mentions(side, w) for side in (pair.unsafe, pair.safe) for w in words), pair
+    plain = caption_for_concept_prompts("dotted", 40, seed=2, p_two_objects=0.5)
+    assert any(any(mentions(p.unsafe, w) for w in words) for p in plain)  # without it they do show up
+    assert caption_for_concept_prompts("dotted", 40, seed=2, p_two_objects=0.5, avoid=[]) == plain
+    with pytest.raises(ValueError, match="kind of 'dotted'"):
+        caption_for_concept_prompts("dotted", 4, avoid=["striped"])
+    with pytest.raises(ValueError, match="bans every shape"):
+        caption_for_concept_prompts("dotted", 4, avoid=concept_names("shape"))
+
+
 @pytest.mark.parametrize("name,split", [("outlined", "train"), ("star", "train"), ("red", "train"),
                                         ("triangle", "heldout_paraphrase")])
 def test_balanced_pairs_cycle_every_template_and_synonym_evenly(name, split):

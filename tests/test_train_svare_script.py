@@ -9,6 +9,7 @@ import torch
 
 from var_erase.hub import read_adapter_metadata
 from var_erase.pipelines.pipeline_var import VARPipeline
+from var_erase.toy.concepts import get_concept
 
 from ._tiny import tiny_pipeline
 
@@ -112,3 +113,20 @@ def test_generated_pairs_never_swap_in_another_erased_concept():
         assert "triangle" not in safe and "triangular" not in safe and "star" not in safe, pair
     assert train_svare.replacements_for("star", ["star"], []) is not None
     assert train_svare.replacements_for("star", ["star"], ["heart", "star"]) == ["heart"]
+
+
+def test_generated_pairs_of_mixed_kinds_never_show_another_erased_concept():
+    """A style and shapes in one run: the style's pairs show no erased shape (either side) and the shapes' pairs no
+    erased style, so no safe prompt asks for what another pair erases."""
+    args = train_svare.parse_args(["--output_dir", "x", "--concept", "dotted", "--concept", "star",
+                                   "--concept", "diamond", "--num_pairs", "16", "--pair_wording", "balanced"])
+    pairs, _ = train_svare.resolve_pairs(args)
+    assert train_svare.others_erased("dotted", args.concept) == ["star", "diamond"]
+    assert train_svare.others_erased("star", args.concept) == ["dotted"]
+    shape_words = get_concept("star").training_words + get_concept("diamond").training_words
+    for pair in pairs:
+        text = f"{pair.unsafe} | {pair.safe}".lower()
+        if pair.concept == "dotted":
+            assert not any(w in text for w in shape_words), pair
+        else:
+            assert not any(w in text for w in get_concept("dotted").training_words), pair

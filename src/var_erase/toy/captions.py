@@ -335,6 +335,7 @@ def caption_for_concept_prompts(
     p_two_objects: float = 0.0,
     background_prob: float = 0.3,
     balanced: bool = False,
+    avoid: Sequence[str] = (),
 ) -> list[ConceptPromptPair]:
     """``n`` prompts that ask for ``concept``, each with its safe twin; deterministic from ``seed``.
 
@@ -347,8 +348,16 @@ def caption_for_concept_prompts(
     concept) combination of the split (:func:`concept_wordings`), so each synonym and template gets ``n / combos``
     prompts (+- 1) instead of a random share (the canonical word half the time, and e.g. "outlined" in 5 of 50
     prompts, seed 0). Scenes, replacements and every other word are drawn exactly as without it.
+
+    ``avoid`` names concepts of *other* kinds that no scene may show, on either side of a pair: the concepts erased in
+    the same run. Erasing "dotted" with "star" needs it: the pair "a dotted star" -> "an outlined star" would teach
+    the adapter to keep drawing stars (its erase target is an outlined star, and the preservation step holds the safe
+    prompt's star) while the star's own pairs erase it. A scene that shows one is drawn again from the same
+    generator, so an empty ``avoid`` gives exactly the pairs it gave before. Values of the concept's own kind are
+    ``replacements``' business and are refused here.
     """
     target = get_concept(concept)
+    banned = _avoided_values(target, avoid)
     rng = np.random.default_rng(seed)
     paraphrase = lambda c: split == "heldout_paraphrase" and c.kind == target.kind  # noqa: E731
     wordings = concept_wordings(target, split) if balanced else []
@@ -357,6 +366,8 @@ def caption_for_concept_prompts(
     for i in range(n):
         n_objects = 2 if rng.random() < p_two_objects else 1
         scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
+        while any(scene.values(kind) & values for kind, values in banned.items()):
+            scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
         plan = plan_caption(scene, rng, split=split, always=("colour", "style"), size_prob=0.1, position_prob=0.1,
                             background_prob=background_prob)
         if balanced:
@@ -366,6 +377,21 @@ def caption_for_concept_prompts(
         unsafe, safe = realise_caption(plan, scene, paraphrase), realise_caption(plan, safe_scene, paraphrase)
         pairs.append(ConceptPromptPair(unsafe, safe, target.name, other))
     return pairs
+
+
+def _avoided_values(target: Concept, avoid: Sequence[str]) -> dict[str, frozenset[str]]:
+    """``{kind: names}`` of the concepts in ``avoid``; an error if one is of the target's kind or bans a whole kind."""
+    banned: dict[str, set[str]] = {}
+    for name in avoid:
+        found = get_concept(name)
+        if found.kind == target.kind:
+            raise ValueError(f"avoid={list(avoid)} names the {found.kind} {found.name!r}, the kind of {target.name!r}; "
+                             f"pass values of its own kind as replacements instead")
+        banned.setdefault(found.kind, set()).add(found.name)
+    for kind, names in banned.items():
+        if len(names) == len(concepts_of_kind(kind)):
+            raise ValueError(f"avoid={list(avoid)} bans every {kind}; no scene could be drawn")
+    return {kind: frozenset(names) for kind, names in banned.items()}
 
 
 def concept_wordings(concept: str | Concept, split: str = "train") -> list[tuple[str, str, int]]:
