@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -162,6 +163,26 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
     return list(dict.fromkeys(pairs)), args.concept
 
 
+def warn_if_styles_miss_fine_scales(concepts: list[str], num_train_scales: int | None) -> None:
+    """Warn when toy fill styles are erased on the coarse scales only: the toy model draws them at the fine ones."""
+    from var_erase.toy.concepts import get_concept
+
+    if num_train_scales is None:
+        return
+    styles = []
+    for name in concepts:
+        try:
+            if get_concept(name).kind == "style":
+                styles.append(name)
+        except (KeyError, ValueError):  # not a toy concept (pairs from a file)
+            continue
+    if styles:
+        warnings.warn(f"--num_train_scales {num_train_scales} trains the coarse scales only, and the toy model draws "
+                      f"fill styles ({', '.join(styles)}) at the fine ones: erasing 'dotted' on 5 of 7 scales left "
+                      f"16-22 of 32 dotted images, on every scale 0-2 (docs/results.md, seventh round). Leave "
+                      f"--num_train_scales unset to train every scale.", stacklevel=2)
+
+
 def others_erased(name: str, concepts: list[str]) -> list[str]:
     """The concepts of other kinds erased in the same run: ``name``'s pairs must not show them (on either side), or
     its safe prompts would ask for a concept that another pair erases (see ``caption_for_concept_prompts``)."""
@@ -254,6 +275,7 @@ def main(argv=None) -> str:
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
     set_seed(args.seed)
     pairs, concepts = resolve_pairs(args)
+    warn_if_styles_miss_fine_scales(concepts, args.num_train_scales)
     retain = resolve_retain_prompts(args, concepts)
     config = erasure_config(args)
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(accelerator.device)

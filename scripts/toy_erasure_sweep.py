@@ -30,9 +30,9 @@ FIVE_BEST = ["triangle", "star", "cross", "diamond", "square"]
 FIVE_MIXED = ["dotted", "star", "cross", "diamond", "square"]
 
 
-def _five(concepts: list[str]) -> str:
-    return (" ".join(f"--concept {c}" for c in concepts) + " --num_pairs 50 --rank 8 --learning_rate 1e-3 "
-            "--num_train_scales 5 --pair_wording balanced --preservation_student guided")
+def _five(concepts: list[str], scales: str = " --num_train_scales 5") -> str:
+    return (" ".join(f"--concept {c}" for c in concepts) + " --num_pairs 50 --rank 8 --learning_rate 1e-3"
+            f"{scales} --pair_wording balanced --preservation_student guided")
 
 
 FIVE = _five(FIVE_SHAPES)
@@ -48,6 +48,8 @@ RECIPES = {
     "five-cos3000": (FIVE + " --max_train_steps 3000 --lr_scheduler cosine", FIVE_SHAPES, 32),
     "five-best-const1500": (_five(FIVE_BEST) + " --max_train_steps 1500", FIVE_BEST, 32),
     "five-mixed-const1500": (_five(FIVE_MIXED) + " --max_train_steps 1500", FIVE_MIXED, 32),
+    # every scale: a fill style is drawn at the fine scales, which the first five (up to 8x8) leave out
+    "five-mixed-all-const1500": (_five(FIVE_MIXED, "") + " --max_train_steps 1500", FIVE_MIXED, 32),
 }
 BASES = {"tri": (["triangle"], 48), "out": (["outlined"], 48), "five": (FIVE_SHAPES, 32)}
 KIND_OF = {c.name: kind for kind, concepts in CONCEPTS_BY_KIND.items() for c in concepts}

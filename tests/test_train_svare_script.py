@@ -130,3 +130,11 @@ def test_generated_pairs_of_mixed_kinds_never_show_another_erased_concept():
             assert not any(w in text for w in shape_words), pair
         else:
             assert not any(w in text for w in get_concept("dotted").training_words), pair
+
+
+def test_styles_on_the_coarse_scales_only_get_a_warning(recwarn):
+    with pytest.warns(UserWarning, match="fill styles \\(dotted\\) at the fine ones"):
+        train_svare.warn_if_styles_miss_fine_scales(["star", "dotted", "nudity"], 5)
+    train_svare.warn_if_styles_miss_fine_scales(["star", "dotted"], None)  # every scale: silent
+    train_svare.warn_if_styles_miss_fine_scales(["star", "nudity"], 5)  # no style: silent
+    assert not [w for w in recwarn if "fill styles" in str(w.message)]
