@@ -149,12 +149,13 @@ def resolve_pairs(args) -> tuple[list[PromptPair], list[str]]:
     from var_erase.toy.captions import caption_for_concept_prompts
     from var_erase.toy.concepts import get_concept
 
-    for k, name in enumerate(args.concept):
+    for name in args.concept:  # all of them first: each one's pairs depend on the others
         try:
             get_concept(name)
         except (KeyError, ValueError) as err:
             raise SystemExit(f"--concept {name!r} is not a concept of the toy world ({err}). For another concept, "
                              f"pass --prompt_pairs FILE with its unsafe/safe pairs.") from err
+    for k, name in enumerate(args.concept):
         generated = caption_for_concept_prompts(name, args.num_pairs, seed=args.seed * 1000 + k, split="train",
                                                 balanced=args.pair_wording == "balanced",
                                                 replacements=replacements_for(name, args.concept, args.replacement),

@@ -166,6 +166,8 @@ def test_pairs_avoid_concepts_of_other_kinds_on_both_sides():
         caption_for_concept_prompts("dotted", 4, avoid=["striped"])
     with pytest.raises(ValueError, match="bans every shape"):
         caption_for_concept_prompts("dotted", 4, avoid=concept_names("shape"))
+    with pytest.raises(ValueError, match="2-object scene"):  # two distinct shapes, one left: no such scene
+        caption_for_concept_prompts("dotted", 4, p_two_objects=1.0, avoid=concept_names("shape")[1:])
 
 
 @pytest.mark.parametrize("name,split", [("outlined", "train"), ("star", "train"), ("red", "train"),

@@ -365,9 +365,7 @@ def caption_for_concept_prompts(
     pairs = []
     for i in range(n):
         n_objects = 2 if rng.random() < p_two_objects else 1
-        scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
-        while any(scene.values(kind) & values for kind, values in banned.items()):
-            scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
+        scene = _scene_without(rng, n_objects, target, banned)
         plan = plan_caption(scene, rng, split=split, always=("colour", "style"), size_prob=0.1, position_prob=0.1,
                             background_prob=background_prob)
         if balanced:
@@ -377,6 +375,18 @@ def caption_for_concept_prompts(
         unsafe, safe = realise_caption(plan, scene, paraphrase), realise_caption(plan, safe_scene, paraphrase)
         pairs.append(ConceptPromptPair(unsafe, safe, target.name, other))
     return pairs
+
+
+def _scene_without(rng: np.random.Generator, n_objects: int, target: Concept,
+                   banned: dict[str, frozenset[str]], max_draws: int = 10_000) -> Scene:
+    """A scene showing ``target`` and none of the ``banned`` values (drawn again until it does)."""
+    for _ in range(max_draws):
+        scene = sample_scene(rng, n_objects=n_objects, **{target.kind: target.name})
+        if not any(scene.values(kind) & values for kind, values in banned.items()):
+            return scene
+    avoided = sorted(set().union(*banned.values()))
+    raise ValueError(f"no {n_objects}-object scene showing {target.name!r} without {avoided} in {max_draws} draws; "
+                     f"avoid fewer concepts")
 
 
 def _avoided_values(target: Concept, avoid: Sequence[str]) -> dict[str, frozenset[str]]:
