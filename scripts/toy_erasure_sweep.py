@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from var_erase.toy.concepts import CONCEPTS_BY_KIND
+from var_erase.toy.concepts import concept_names, get_concept
 
 TRIANGLE = ("--concept triangle --num_pairs 50 --rank 8 --num_train_scales 5 --learning_rate 1e-3 "
             "--preservation_student guided --retain_prompts_per_concept 48 --retain_batch_size 4 "
@@ -52,7 +52,6 @@ RECIPES = {
     "five-mixed-all-const1500": (_five(FIVE_MIXED, "") + " --max_train_steps 1500", FIVE_MIXED, 32),
 }
 BASES = {"tri": (["triangle"], 48), "out": (["outlined"], 48), "five": (FIVE_SHAPES, 32)}
-KIND_OF = {c.name: kind for kind, concepts in CONCEPTS_BY_KIND.items() for c in concepts}
 
 
 def main(argv=None) -> list[dict]:
@@ -103,23 +102,24 @@ def _runs(recipes: list[str], concepts: str | None) -> list[tuple[str, tuple[str
     if concepts is None:
         return [(recipe, RECIPES[recipe]) for recipe in recipes]
     names = [c.strip() for c in concepts.split(",") if c.strip()]
-    unknown = [c for c in names if c not in KIND_OF]
+    unknown = [c for c in names if c not in concept_names()]
     if unknown:
-        raise SystemExit(f"unknown concept(s) {unknown}; the toy world's are {sorted(KIND_OF)}")
+        raise SystemExit(f"unknown concept(s) {unknown}; the toy world's are {sorted(concept_names())}")
+    kind_of = {c: get_concept(c).kind for c in names}
     kinds = {}
     for recipe in recipes:
         targets = RECIPES[recipe][1]
         if len(targets) != 1:
             raise SystemExit(f"--concepts needs one-concept recipes; {recipe} erases {targets}")
-        kinds[recipe] = KIND_OF[targets[0]]
+        kinds[recipe] = get_concept(targets[0]).kind
     for concept in names:
-        if KIND_OF[concept] not in kinds.values():
-            raise SystemExit(f"{concept!r} is a {KIND_OF[concept]} and no recipe given is a {KIND_OF[concept]} "
+        if kind_of[concept] not in kinds.values():
+            raise SystemExit(f"{concept!r} is a {kind_of[concept]} and no recipe given is a {kind_of[concept]} "
                              f"recipe (the recipes given erase a {sorted(set(kinds.values()))})")
     runs = []
     for recipe, kind in kinds.items():
         train_args, (own,), n = RECIPES[recipe]
-        mine = [c for c in names if KIND_OF[c] == kind]
+        mine = [c for c in names if kind_of[c] == kind]
         if not mine:
             raise SystemExit(f"{recipe} is a {kind} recipe and --concepts names no {kind}")
         for concept in mine:

@@ -23,7 +23,7 @@ from var_erase.erasure.losses import preservation_kl
 from var_erase.pipelines.pipeline_var import VARPipeline
 from var_erase.pipelines.sampling import guide_logits
 from var_erase.toy.captions import evaluation_prompts
-from var_erase.toy.concepts import concept_names
+from var_erase.toy.concepts import CONCEPT_KINDS, concept_names
 
 
 def main(argv=None) -> list[dict]:
@@ -36,8 +36,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
-    if args.kind not in ("shape", "colour", "style"):
-        raise SystemExit(f"--kind must be shape, colour or style, not {args.kind!r}")
+    if args.kind not in CONCEPT_KINDS:
+        raise SystemExit(f"--kind must be one of {', '.join(CONCEPT_KINDS)}, not {args.kind!r}")
     concepts = list(concept_names(args.kind))
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path)
     pipe.set_progress_bar_config(disable=True)
