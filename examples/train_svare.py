@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "safe_prompt); repeatable")
     p.add_argument("--num_pairs", type=int, default=50, help="pairs generated per named concept (the paper: 50)")
     p.add_argument("--replacement", action="append", default=[],
-                   help="generated pairs (toy world): swap the concept only for these values of its kind in the "
-                        "safe prompts (repeatable; default: every other value)")
+                   help="generated pairs (toy world): the values the safe prompts may swap a concept for "
+                        "(repeatable). VALUE applies to every erased concept of its kind, CONCEPT=VALUE to one "
+                        "concept; default: every value of the kind that the run does not erase")
     p.add_argument("--pair_wording", choices=["random", "balanced"], default="random",
                    help="generated pairs (toy world): word the concept with random synonyms / templates, or cycle "
                         "every (template, synonym) combination evenly")
@@ -194,16 +195,59 @@ def others_erased(name: str, concepts: list[str]) -> list[str]:
 
 
 def replacements_for(name: str, concepts: list[str], asked: list[str]) -> list[str] | None:
-    """The values a generated pair may swap ``name`` for: ``asked`` (``--replacement``) if given, else every value of
-    its kind that is not erased in the same run (so that one concept's safe prompts never ask for another erased
-    concept, which its own erase step pushes away while the preservation step holds it); ``None`` = every other."""
+    """The values a generated pair may swap ``name`` for.
+
+    ``asked`` holds the ``--replacement`` entries: ``"VALUE"`` applies to every erased concept of VALUE's kind,
+    ``"CONCEPT=VALUE"`` to CONCEPT only (the per-concept entries win). Without an entry for ``name``: every value of
+    its kind that the run does not erase (so one concept's safe prompts never ask for another erased concept, which
+    its own erase step pushes away while the preservation step holds it); ``None`` = every other value. A plain
+    value that the run erases is skipped for the concepts it does not fit; a bad entry exits with what to change.
+    """
     from var_erase.toy.concepts import concept_names, get_concept
 
-    if asked:
-        return [r for r in asked if get_concept(r).name != get_concept(name).name] or None
+    target = get_concept(name)
     erased = {get_concept(c).name for c in concepts}
-    kept = [c for c in concept_names(get_concept(name).kind) if c not in erased]
+    own, shared = _parse_replacements(asked, erased)
+    if own.get(target.name):
+        chosen = own[target.name]
+    else:
+        chosen = [v for v in shared.get(target.kind, []) if v not in erased]
+    if chosen:
+        return chosen
+    if shared.get(target.kind) and not own.get(target.name):
+        raise SystemExit(f"--replacement {' '.join(shared[target.kind])}: every value is erased in this run, so "
+                         f"{target.name!r} has nothing to become; add a {target.kind} that is not erased")
+    kept = [c for c in concept_names(target.kind) if c not in erased]
     return kept or None
+
+
+def _parse_replacements(asked: list[str], erased: set[str]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """``--replacement`` entries as ``({concept: [values]}, {kind: [values]})``; bad names exit with the fix."""
+    from var_erase.toy.concepts import get_concept
+
+    own: dict[str, list[str]] = {}
+    shared: dict[str, list[str]] = {}
+    for entry in asked:
+        concept, sep, value = entry.partition("=")
+        try:
+            found_value = get_concept(value if sep else concept)
+            found_concept = get_concept(concept) if sep else None
+        except KeyError as err:
+            raise SystemExit(f"--replacement {entry}: {err.args[0]}") from err
+        if found_concept is None:
+            shared.setdefault(found_value.kind, []).append(found_value.name)
+            continue
+        if found_concept.name not in erased:
+            raise SystemExit(f"--replacement {entry}: {found_concept.name!r} is not erased in this run "
+                             f"(--concept {' --concept '.join(sorted(erased))})")
+        if found_value.kind != found_concept.kind:
+            raise SystemExit(f"--replacement {entry}: {found_value.name!r} is a {found_value.kind}, "
+                             f"{found_concept.name!r} a {found_concept.kind}; give one of its own kind")
+        if found_value.name in erased:
+            raise SystemExit(f"--replacement {entry}: {found_value.name!r} is erased in this run too, so it cannot "
+                             f"be what {found_concept.name!r} becomes; pick a value that is kept")
+        own.setdefault(found_concept.name, []).append(found_value.name)
+    return own, shared
 
 
 def resolve_retain_prompts(args, concepts: list[str]) -> list[str]:

@@ -19,9 +19,10 @@ import json
 
 from var_erase.toy.concepts import concept_names, get_concept
 
+RETAIN = (" --retain_prompts_per_concept 48 --retain_batch_size 4 --retain_teacher guided --retain_student guided "
+          "--retain_weight 0.25")
 TRIANGLE = ("--concept triangle --num_pairs 50 --rank 8 --num_train_scales 5 --learning_rate 1e-3 "
-            "--preservation_student guided --retain_prompts_per_concept 48 --retain_batch_size 4 "
-            "--retain_teacher guided --retain_student guided --retain_weight 0.25")
+            "--preservation_student guided" + RETAIN)
 OUTLINED = "--concept outlined --num_pairs 50 --rank 8 --learning_rate 1e-3 --pair_wording balanced"
 FIVE_SHAPES = ["triangle", "circle", "square", "star", "heart"]
 # the five shapes that one-shape erasure left least of (seventh round), and a mixed set: the style it erased reliably
@@ -50,6 +51,21 @@ RECIPES = {
     "five-mixed-const1500": (_five(FIVE_MIXED) + " --max_train_steps 1500", FIVE_MIXED, 32),
     # every scale: a fill style is drawn at the fine scales, which the first five (up to 8x8) leave out
     "five-mixed-all-const1500": (_five(FIVE_MIXED, "") + " --max_train_steps 1500", FIVE_MIXED, 32),
+    # one replacement per kind instead of a random other value in each pair (eighth round): the erased concept maps
+    # to one clean substitute rather than to a blend of several, which the oracle may read as anything
+    "tri-cos900-to-circle": (TRIANGLE + " --max_train_steps 900 --lr_scheduler cosine --replacement circle",
+                             ["triangle"], 48),
+    "tri-cos900-to-square": (TRIANGLE + " --max_train_steps 900 --lr_scheduler cosine --replacement square",
+                             ["triangle"], 48),
+    "out-cos1500-to-solid": (OUTLINED + " --max_train_steps 1500 --lr_scheduler cosine --replacement solid",
+                             ["outlined"], 48),
+    "five-best-to-circle-const1500": (_five(FIVE_BEST) + " --max_train_steps 1500 --replacement circle", FIVE_BEST,
+                                      32),
+    # with one replacement the safe prompts hold only that value, so the other kept values need a retain set
+    "five-best-to-circle-retain-const1500": (_five(FIVE_BEST) + " --max_train_steps 1500 --replacement circle"
+                                             + RETAIN, FIVE_BEST, 32),
+    "five-mixed-all-to-one-const1500": (_five(FIVE_MIXED, "") + " --max_train_steps 1500 --replacement circle "
+                                        "--replacement solid", FIVE_MIXED, 32),
 }
 BASES = {"tri": (["triangle"], 48), "out": (["outlined"], 48), "five": (FIVE_SHAPES, 32)}
 
@@ -123,6 +139,9 @@ def _runs(recipes: list[str], concepts: str | None) -> list[tuple[str, tuple[str
         if not mine:
             raise SystemExit(f"{recipe} is a {kind} recipe and --concepts names no {kind}")
         for concept in mine:
+            if f"--replacement {concept} " in train_args + " ":
+                raise SystemExit(f"{recipe} replaces every {kind} with {concept!r}, so it cannot erase {concept!r}; "
+                                 f"use a recipe with another --replacement for it")
             args = train_args.replace(f"--concept {own} ", f"--concept {concept} ")
             runs.append((f"{recipe}-{concept}", (args, [concept], n)))
     return runs

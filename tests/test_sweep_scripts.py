@@ -67,3 +67,17 @@ def test_sweep_runs_one_concept_recipes_on_other_concepts_of_their_kind():
         sweep.main(["--recipes", "five-const1500", "--concepts", "star"])
     with pytest.raises(SystemExit, match="unknown concept"):
         sweep.main(["--recipes", "tri-cos900", "--concepts", "hexagon"])
+
+
+def test_sweep_one_replacement_recipes_refuse_their_own_replacement():
+    """``tri-cos900-to-circle`` maps each erased shape to the circle: it runs on any other shape and refuses the circle
+    (which could not become itself); every generated command is one ``train_svare.py`` accepts."""
+    sweep = _script("toy_erasure_sweep")
+    jobs = sweep.main(["--recipes", "tri-cos900-to-circle", "--concepts", "star,diamond", "--seeds", "1"])
+    assert [j["name"] for j in jobs] == ["tri-cos900-to-circle-star-s1", "tri-cos900-to-circle-diamond-s1"]
+    assert all("--replacement circle" in j["cmds"][0] for j in jobs)
+    train_svare = load_script("examples/train_svare.py")
+    args = train_svare.parse_args(jobs[0]["cmds"][0].split()[2:])
+    assert train_svare.replacements_for("star", args.concept, args.replacement) == ["circle"]
+    with pytest.raises(SystemExit, match="cannot erase 'circle'"):
+        sweep.main(["--recipes", "tri-cos900-to-circle", "--concepts", "circle"])

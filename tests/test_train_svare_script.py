@@ -138,3 +138,32 @@ def test_styles_on_the_coarse_scales_only_get_a_warning(recwarn):
     train_svare.warn_if_styles_miss_fine_scales(["star", "dotted"], None)  # every scale: silent
     train_svare.warn_if_styles_miss_fine_scales(["star", "nudity"], 5)  # no style: silent
     assert not [w for w in recwarn if "fill styles" in str(w.message)]
+
+
+def test_replacements_per_concept_and_per_kind():
+    """``CONCEPT=VALUE`` sets one concept's safe twins, a plain value every erased concept of its kind; entries that
+    cannot work (another kind, an erased value, a concept not erased, an unknown name) exit saying what to change."""
+    concepts = ["diamond", "star", "dotted"]
+    asked = ["diamond=circle", "heart", "striped"]
+    assert train_svare.replacements_for("diamond", concepts, asked) == ["circle"]
+    assert train_svare.replacements_for("star", concepts, asked) == ["heart"]
+    assert train_svare.replacements_for("dotted", concepts, asked) == ["striped"]
+    assert train_svare.replacements_for("dotted", concepts, ["diamond=circle"]) == ["solid", "striped", "outlined"]
+    args = train_svare.parse_args(["--output_dir", "x", "--concept", "diamond", "--concept", "dotted",
+                                   "--replacement", "diamond=circle", "--replacement", "dotted=solid",
+                                   "--num_pairs", "8"])
+    pairs, _ = train_svare.resolve_pairs(args)
+    diamond_safe = [p.safe for p in pairs if p.concept == "diamond"]
+    assert len(diamond_safe) == 8 and all(any(w in s for w in ("circle", "disc", "round shape")) for s in diamond_safe)
+    for bad, says in [(["diamond=solid"], "is a style"), (["diamond=star"], "erased in this run too"),
+                      (["heart=circle"], "not erased"), (["diamond=circel"], "Did you mean"),
+                      (["star"], "nothing to become")]:
+        with pytest.raises(SystemExit, match=says):
+            train_svare.replacements_for("diamond", concepts, bad)
+
+
+def test_caption_replacements_of_another_kind_are_refused():
+    from var_erase.toy.captions import caption_for_concept_prompts
+
+    with pytest.raises(ValueError, match="not of kind 'shape'"):
+        caption_for_concept_prompts("diamond", 4, replacements=["dotted"])

@@ -317,8 +317,12 @@ def swap_concept(scene: Scene, concept: str | Concept, replacement: str | Concep
 
 def _replacement(rng: np.random.Generator, concept: Concept, scene: Scene, choices: Sequence[str] | None) -> str:
     """A different value of the concept's kind, preferring one the scene does not show already."""
-    pool = [get_concept(c).name for c in choices] if choices else [c.name for c in concepts_of_kind(concept.kind)]
-    pool = [c for c in pool if c != concept.name]
+    pool = [get_concept(c) for c in choices] if choices else list(concepts_of_kind(concept.kind))
+    wrong = [c.name for c in pool if c.kind != concept.kind]
+    if wrong:
+        raise ValueError(f"replacements {wrong} are not of kind {concept.kind!r}: {concept.name!r} can only become "
+                         f"another {concept.kind} ({', '.join(c.name for c in concepts_of_kind(concept.kind))})")
+    pool = [c.name for c in pool if c.name != concept.name]
     if not pool:
         raise ValueError(f"no replacement for {concept.name!r}: pass replacements of kind {concept.kind!r}")
     fresh = [c for c in pool if c not in scene.values(concept.kind)]
