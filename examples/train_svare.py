@@ -247,6 +247,11 @@ def _parse_replacements(asked: list[str], erased: set[str]) -> tuple[dict[str, l
             raise SystemExit(f"--replacement {entry}: {found_value.name!r} is erased in this run too, so it cannot "
                              f"be what {found_concept.name!r} becomes; pick a value that is kept")
         own.setdefault(found_concept.name, []).append(found_value.name)
+    kinds = {get_concept(c).kind for c in erased}
+    for kind, values in shared.items():
+        if kind not in kinds:
+            raise SystemExit(f"--replacement {' '.join(values)}: the run erases no {kind} (it erases "
+                             f"{', '.join(sorted(erased))}); give values of the erased concepts' kinds")
     return own, shared
 
 

@@ -157,7 +157,7 @@ def test_replacements_per_concept_and_per_kind():
     assert len(diamond_safe) == 8 and all(any(w in s for w in ("circle", "disc", "round shape")) for s in diamond_safe)
     for bad, says in [(["diamond=solid"], "is a style"), (["diamond=star"], "erased in this run too"),
                       (["heart=circle"], "not erased"), (["diamond=circel"], "Did you mean"),
-                      (["star"], "nothing to become")]:
+                      (["star"], "nothing to become"), (["red"], "erases no colour")]:
         with pytest.raises(SystemExit, match=says):
             train_svare.replacements_for("diamond", concepts, bad)
 
