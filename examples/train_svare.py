@@ -209,12 +209,11 @@ def replacements_for(name: str, concepts: list[str], asked: list[str]) -> list[s
     erased = {get_concept(c).name for c in concepts}
     own, shared = _parse_replacements(asked, erased)
     if own.get(target.name):
-        chosen = own[target.name]
-    else:
-        chosen = [v for v in shared.get(target.kind, []) if v not in erased]
+        return own[target.name]
+    chosen = [v for v in shared.get(target.kind, []) if v not in erased]
     if chosen:
         return chosen
-    if shared.get(target.kind) and not own.get(target.name):
+    if shared.get(target.kind):
         raise SystemExit(f"--replacement {' '.join(shared[target.kind])}: every value is erased in this run, so "
                          f"{target.name!r} has nothing to become; add a {target.kind} that is not erased")
     kept = [c for c in concept_names(target.kind) if c not in erased]
