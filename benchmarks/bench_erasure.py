@@ -74,7 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="infinity-2b")
-    p.add_argument("--batch_size", type=int, default=2, help="prompt pairs per iteration")
+    p.add_argument("--batch_size", type=int, default=2, help="prompt pairs per forward (micro-batch)")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step: an iteration sees batch_size x this many pairs (the same "
+                        "losses and update as one batch of that size, in less activation memory)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations (the first is the change check)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations")
     p.add_argument("--full_finetune", action="store_true",
@@ -111,9 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--activation_memory_budget (with --compile, without gradient checkpointing): {err}")
     if args.warmup < 1 or args.iters < 1:
         p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")
-    if args.anchor_prompts < args.batch_size:
-        p.error(f"--anchor_prompts ({args.anchor_prompts}) must be at least --batch_size ({args.batch_size}): the "
-                "pairs of a batch are distinct")
+    if args.gradient_accumulation_steps < 1:
+        p.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    pairs_per_iteration = args.batch_size * args.gradient_accumulation_steps
+    if args.anchor_prompts < pairs_per_iteration:
+        p.error(f"--anchor_prompts ({args.anchor_prompts}) must be at least --batch_size x "
+                f"--gradient_accumulation_steps ({pairs_per_iteration}): the pairs of an iteration are distinct")
     return args
 
 
@@ -198,6 +204,7 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
     device = accelerator.device
     start = time.perf_counter()
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
+                             gradient_accumulation_steps=args.gradient_accumulation_steps,
                              gradient_checkpointing=("selective" if args.selective_checkpointing
                                                      else args.gradient_checkpointing),
                              compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget)
@@ -263,7 +270,7 @@ def run(args, device: torch.device) -> dict:
         "projected_run_min": projected / 60,
         "finetune_mode": config.finetune_mode,
         "num_processes": accelerator.num_processes,
-        "global_batch_size": args.batch_size * accelerator.num_processes,
+        "global_batch_size": args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
         "is_main_process": accelerator.is_main_process,
         "erasure_config": config.to_dict(),
         "schedule": schedule_info(anchors.schedule),

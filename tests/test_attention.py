@@ -15,6 +15,7 @@ from var_erase.models.attention import (
     block_causal_attention,
     prefix_views,
     rope_2d_frequencies,
+    text_attention,
 )
 from var_erase.models.transformer_var import VARTransformerBlock
 from var_erase.schedules import ScaleSchedule
@@ -154,6 +155,60 @@ def test_cross_attention_masking_equals_unpadded_text():
     assert attn.to_k.bias is None and attn.to_v.bias is not None
 
 
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True)])
+def test_text_attention_backward_equals_autograd_through_sdpa(needs):
+    """The written-out backward (text padded to 8 keys, masked) gives SDPA's gradients, for any subset of inputs."""
+    B, H, L, T, c = 2, 3, 10, 11, 8
+    q, k, v = (torch.randn(B, H, n, c, dtype=torch.float64) for n in (L, T, T))
+    for t, need in zip((q, k, v), needs):
+        t.requires_grad_(need)
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., 4:] = False  # the second prompt has 4 text tokens
+    grad_out = torch.randn(B, H, L, c, dtype=torch.float64)
+    inputs = [t for t in (q, k, v) if t.requires_grad]
+    ours = text_attention(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(ours, expected)
+    got = torch.autograd.grad(ours, inputs, grad_out)
+    for got_one, want in zip(got, torch.autograd.grad(expected, inputs, grad_out)):
+        torch.testing.assert_close(got_one, want)
+    if needs[1]:
+        grad_k = next(g for g, t in zip(got, inputs) if t is k)
+        assert grad_k[1, :, 4:].eq(0).all()  # masked keys get no gradient
+
+
+def test_text_attention_backward_in_bf16_is_within_bf16_rounding_of_float32():
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    mask, grad_out = torch.ones(1, 1, 1, 64, dtype=torch.bool)[..., :13], torch.randn(1, 2, 64, 16)
+    k, v = k[:, :, :13], v[:, :, :13]
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        grads[dtype] = torch.autograd.grad(text_attention(*leaves, mask), leaves, grad_out.to(dtype))
+    for low, high in zip(grads[torch.bfloat16], grads[torch.float32]):
+        torch.testing.assert_close(low.float(), high, atol=3e-2, rtol=3e-2)
+
+
+def test_self_attention_lora_on_a_projection_is_used_in_training():
+    """A PEFT adapter on ``attn1``'s q projection is applied and trained (the reference's ``F.linear`` on the raw
+    weight bypasses it)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    dim, heads, L = 32, 4, 6
+    attn = _randomise(CosineSelfAttention(dim, heads))
+    cos, sin = rope_2d_frequencies(torch.randint(0, 9, (L, 2)), dim // heads)
+    x = torch.randn(2, L, dim)
+    with torch.no_grad():
+        base = attn(x, cos, sin)
+    attn = inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q"], init_lora_weights=False), attn)
+    out = attn(x, cos, sin)
+    with torch.no_grad():
+        torch.testing.assert_close(out, attn(x, cos, sin))
+    assert not torch.allclose(out, base)
+    lora = [p for n, p in attn.named_parameters() if "lora_" in n]
+    assert lora and all(g.abs().sum() > 0 for g in torch.autograd.grad(out.square().sum(), lora))
+
+
 def test_cross_attention_caches_text_keys_and_values():
     attn = _randomise(CrossAttention(16, 16, 2)).eval()
     text, mask = torch.randn(1, 4, 16), torch.ones(1, 1, 1, 4, dtype=torch.bool)
@@ -237,3 +292,24 @@ def test_rope_real_form_used_under_compile_equals_the_complex_form(monkeypatch):
     complex_form = apply_rope_2d(x, cos, sin)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     torch.testing.assert_close(apply_rope_2d(x, cos, sin), complex_form)
+
+
+@pytest.mark.gpu
+def test_text_attention_backward_matches_the_fused_kernels_on_cuda():
+    """bf16 at Infinity-2B's shapes (16 heads of 128, 27 text tokens, one prompt padded to 23): the written-out
+    backward is as close to float32 as the fused SDPA backward is."""
+    q, k, v = (torch.randn(2, 16, n, 128, device="cuda") for n in (4096, 27, 27))
+    mask = torch.ones(2, 1, 1, 27, dtype=torch.bool, device="cuda")
+    mask[1, ..., 23:] = False
+    grad_out = torch.randn(2, 16, 4096, 128, device="cuda")
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves, mask), leaves, grad_out.to(dtype))
+
+    exact = grads(text_attention, torch.float32)
+    sdpa = grads(lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m), torch.bfloat16)
+    ours = grads(text_attention, torch.bfloat16)
+    for mine, theirs, want in zip(ours, sdpa, exact):
+        err_ours, err_sdpa = (mine.float() - want).abs().max(), (theirs.float() - want).abs().max()
+        assert err_ours <= 1.5 * err_sdpa + 1e-3, (err_ours, err_sdpa)

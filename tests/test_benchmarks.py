@@ -82,8 +82,10 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     from accelerate.state import AcceleratorState
 
     args = TINY + ["--iters", "1", "--anchor_prompts", "2", "--anchor_batch_size", "2"]
-    report = bench("bench_erasure").main(args + (["--full_finetune"] if full_finetune else [])
-                                         + ["--profile_dir", str(tmp_path)])
+    # the full fine-tune runs its batch of 2 as two micro-batches of 1
+    extra = ["--full_finetune", "--batch_size", "1", "--gradient_accumulation_steps", "2"] if full_finetune else []
+    report = bench("bench_erasure").main(args + extra + ["--profile_dir", str(tmp_path)])
+    assert report["global_batch_size"] == 2
     assert Path(report["profile"]["profile_table"]).name == f"erasure_{'full' if full_finetune else 'lora'}.txt"
     assert "Input Shapes" in Path(report["profile"]["profile_table_by_shape"]).read_text()
     assert json.loads(capsys.readouterr().out)["s_per_iteration"] == report["s_per_iteration"]
@@ -108,3 +110,13 @@ def test_sampling_benchmark_runs_as_a_script(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["results"][0]["total_s_per_image"] > 0
+
+
+def test_erasure_benchmark_refuses_too_few_anchor_prompts_for_the_accumulated_batch(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench("bench_erasure").parse_args(["--batch_size", "2", "--gradient_accumulation_steps", "2",
+                                          "--anchor_prompts", "3"])
+    assert "batch_size x --gradient_accumulation_steps (4)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench("bench_erasure").parse_args(["--gradient_accumulation_steps", "0"])
+    assert "--gradient_accumulation_steps must be >= 1" in capsys.readouterr().err
