@@ -66,6 +66,13 @@ RECIPES = {
                                              + RETAIN, FIVE_BEST, 32),
     "five-mixed-all-to-one-const1500": (_five(FIVE_MIXED, "") + " --max_train_steps 1500 --replacement circle "
                                         "--replacement solid", FIVE_MIXED, 32),
+    # ninth round: the leftovers of the two recipes above, one or two images over the bar. More steps for the shapes
+    # with a retain set; the diamond (which the oracle reads in 3 of 48 base circles) to a triangle instead
+    "five-best-to-circle-retain-const2500": (_five(FIVE_BEST) + " --max_train_steps 2500 --replacement circle"
+                                             + RETAIN, FIVE_BEST, 32),
+    "five-mixed-all-to-one-diamond-to-triangle-const1500": (
+        _five(FIVE_MIXED, "") + " --max_train_steps 1500 --replacement circle --replacement solid "
+        "--replacement diamond=triangle", FIVE_MIXED, 32),
 }
 BASES = {"tri": (["triangle"], 48), "out": (["outlined"], 48), "five": (FIVE_SHAPES, 32)}
 

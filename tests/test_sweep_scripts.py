@@ -81,3 +81,15 @@ def test_sweep_one_replacement_recipes_refuse_their_own_replacement():
     assert train_svare.replacements_for("star", args.concept, args.replacement) == ["circle"]
     with pytest.raises(SystemExit, match="cannot erase 'circle'"):
         sweep.main(["--recipes", "tri-cos900-to-circle", "--concepts", "circle"])
+
+
+def test_every_sweep_recipe_is_a_valid_training_command():
+    """Each recipe's arguments parse with examples/train_svare.py, and its replacements resolve for its concepts."""
+    import shlex
+
+    sweep, train = _script("toy_erasure_sweep"), load_script("examples/train_svare.py")
+    for name, (train_args, targets, _) in sweep.RECIPES.items():
+        args = train.parse_args(shlex.split(train_args) + ["--output_dir", "unused"])
+        assert args.concept == targets, name
+        for concept in targets:
+            train.replacements_for(concept, args.concept, args.replacement)  # raises SystemExit when inconsistent
