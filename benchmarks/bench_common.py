@@ -204,6 +204,12 @@ def add_diagnostic_args(p, profiled: str) -> None:
     p.add_argument("--profile_dir", default=None,
                    help=f"after timing, profile {profiled} with torch.profiler (the report gets a summary by kernel "
                         "class)")
+    p.add_argument("--gap_report", action="store_true",
+                   help="after timing, run the timed call once more with the device timeline recorded: the GPU's idle "
+                        "time and its longest gaps (report key gap_report)")
+    p.add_argument("--sync_report", action="store_true",
+                   help="after timing, run it once more with torch.cuda.set_sync_debug_mode('warn'): every place where "
+                        "the host waits for the GPU (report key sync_report)")
 
 
 @contextmanager
@@ -352,6 +358,76 @@ def profile_call(fn, device: torch.device, path: str, row_limit: int = 60) -> di
     return {"profile_table": path, "profile_table_by_shape": shape_path, "profiled_wall_s": wall, "gpu_kernel_s": gpu_s,
             "gpu_kernel_s_by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
             "kernel_launches": launches, "gpu_busy": gpu_s / wall if device.type == "cuda" and wall > 0 else None}
+
+
+def gap_report(fn, device: torch.device, top: int = 15) -> dict | None:
+    """Where the GPU waits while ``fn()`` runs: its kernels' timeline (``torch.profiler`` with device activity only,
+    so the host is slowed less than by a full profile), the idle time between them, and the longest gaps with the
+    kernels on either side. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("## ")
+                   and e.name != "Command Buffer Full")
+    return timeline_gaps(spans, top)
+
+
+def timeline_gaps(spans: list[tuple[float, float, str]], top: int = 15) -> dict:
+    """Busy and idle time of a device timeline of ``(start_us, end_us, name)`` spans sorted by start (overlapping
+    spans count once), and its ``top`` longest idle gaps with the spans that end and start them."""
+    if not spans:
+        return {"kernels": 0}
+    gaps, busy_until, busy, previous = [], spans[0][0], 0.0, spans[0][2]
+    for start, end, name in spans:
+        if start > busy_until:
+            gaps.append((start - busy_until, previous, name))
+        busy += max(0.0, end - max(start, busy_until))
+        if end > busy_until:
+            busy_until, previous = end, name
+    span_us = busy_until - spans[0][0]
+    gaps.sort(key=lambda g: -g[0])
+    return {"kernels": len(spans), "timeline_s": span_us / 1e6, "gpu_busy_s": busy / 1e6,
+            "gpu_idle_s": (span_us - busy) / 1e6, "gaps_over_50us": sum(1 for g in gaps if g[0] > 50),
+            "idle_in_gaps_over_50us_s": sum(g[0] for g in gaps if g[0] > 50) / 1e6,
+            "longest_gaps": [{"us": round(us, 1), "after": a[:90], "before": b[:90]} for us, a, b in gaps[:top]]}
+
+
+def sync_report(fn, device: torch.device, top: int = 20) -> list[dict] | None:
+    """The places where ``fn()`` makes the host wait for the GPU (``torch.cuda.set_sync_debug_mode("warn")``): each
+    distinct call stack (the frames in this project) with its count. None on the CPU."""
+    if device.type != "cuda":
+        return None
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    root = str(_SRC.parent)
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f"{os.path.relpath(f.filename, root)}:{f.lineno} {f.name}" for f in traceback.extract_stack()[:-1]
+                  if f.filename.startswith(root)]
+        key = " <- ".join(reversed(frames[-4:]))
+        sites[key] = sites.get(key, 0) + 1
+
+    synchronize(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize(device)
+    return [{"count": n, "where": k} for k, n in sorted(sites.items(), key=lambda kv: -kv[1])[:top]]
 
 
 @contextmanager

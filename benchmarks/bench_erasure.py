@@ -15,7 +15,9 @@ What runs is the product's own code on an Infinity-2B-shaped pipeline with rando
    FFN weights themselves (the reference's setting; the trainer keeps float32 master weights). bf16 autocast through
    ``accelerate`` (``--mixed_precision``), gradient checkpointing of whole blocks (``--no_gradient_checkpointing``
    turns it off). Iterations are timed host-side with a device synchronisation around each, after ``--warmup``
-   untimed iterations; the reported value is the median of ``--iters``.
+   untimed iterations; the reported value is the median of ``--iters``. Also reported: the host's share of an
+   iteration (``host_s_per_iteration``, until its work is queued) and ``s_per_iteration_back_to_back``, ``--iters``
+   more iterations queued one after the other as ``ErasureTrainer.train`` runs them (logs read one step late).
 
 Text: the pipeline's text encoder is a random one-layer T5 of Flan-T5-XL's width (2048) over bytes (ByT5's
 tokenizer), so prompt features have the real shape with about 25 tokens per prompt; the trainer encodes every prompt
@@ -51,6 +53,7 @@ from bench_common import (
     emit,
     environment,
     fresh_accelerate_state,
+    gap_report,
     log,
     peak_memory,
     profile_call,
@@ -60,6 +63,7 @@ from bench_common import (
     sdpa_backends,
     set_backend_flags,
     summarize,
+    sync_report,
     synchronize,
     target_check,
 )
@@ -67,7 +71,7 @@ from bench_common import (
 from var_erase.erasure.anchors import AnchorSet, sample_anchors
 from var_erase.erasure.config import FULL_FINETUNE_MODULES, ErasureConfig
 from var_erase.erasure.prompts import PromptPair
-from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget
+from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget, read
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,16 +190,35 @@ def checked_first_step(trainer: ErasureTrainer) -> tuple[dict, float]:
     return checks, elapsed
 
 
-def time_iterations(trainer: ErasureTrainer, first_step: int, count: int) -> list[float]:
-    """Seconds of ``count`` iterations starting at ``first_step``, each between device synchronisations."""
-    device, times = trainer.accelerator.device, []
+def time_iterations(trainer: ErasureTrainer, first_step: int, count: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``count`` iterations starting at ``first_step``, each between device synchronisations, and the
+    host's share of each: the time until ``training_step`` has queued its work (its logs unread), before waiting for
+    the GPU. A host time close to the iteration's means the host sets the pace."""
+    device, times, host = trainer.accelerator.device, [], []
     for step in range(first_step, first_step + count):
         synchronize(device)
         start = time.perf_counter()
-        trainer.training_step(step)
+        trainer.training_step(step, read_logs=False)
+        host.append(time.perf_counter() - start)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return times
+    return times, host
+
+
+def time_back_to_back(trainer: ErasureTrainer, first_step: int, count: int) -> float:
+    """Seconds per iteration of ``count`` iterations run as ``ErasureTrainer.train`` runs them: queued one after the
+    other, each one's logs read after the next is queued, one synchronisation at the end."""
+    device = trainer.accelerator.device
+    synchronize(device)
+    start, pending = time.perf_counter(), None
+    for step in range(first_step, first_step + count):
+        logs = trainer.training_step(step, read_logs=False)
+        if pending is not None:
+            read(pending)
+        pending = logs
+    read(pending)
+    synchronize(device)
+    return (time.perf_counter() - start) / count
 
 
 def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet, accelerator,
@@ -213,13 +236,19 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
     log(f"training: 1 checked + {args.warmup - 1} warm-up + {args.iters} timed iterations")
     checks, first_s = checked_first_step(trainer)
     time_iterations(trainer, 1, args.warmup - 1)
-    times = time_iterations(trainer, args.warmup, args.iters)
+    times, host_times = time_iterations(trainer, args.warmup, args.iters)
+    step = args.warmup + args.iters
+    back_to_back = time_back_to_back(trainer, step, args.iters)
+    step += args.iters
     lora = config.finetune_mode == "lora"
-    profile = None
+    diagnostics = {}
     if args.profile_dir:
-        step = args.warmup + args.iters
-        profile = profile_call(lambda: trainer.training_step(step), device,
-                               os.path.join(args.profile_dir, f"erasure_{'lora' if lora else 'full'}.txt"))
+        diagnostics["profile"] = profile_call(lambda: trainer.training_step(step), device, os.path.join(
+            args.profile_dir, f"erasure_{'lora' if lora else 'full'}.txt"))
+    if args.gap_report:
+        diagnostics["gap_report"] = gap_report(lambda: trainer.training_step(step + 1), device)
+    if args.sync_report:
+        diagnostics["sync_report"] = sync_report(lambda: trainer.training_step(step + 2), device)
     return {
         "s_per_iteration": summarize(times)["median"],
         **peak_memory(device),
@@ -231,7 +260,9 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
         "trainer_setup_s": setup_s,
         "iteration_s": summarize(times),
         "iteration_times_s": times,
-        **({"profile": profile} if profile else {}),
+        "host_s_per_iteration": summarize(host_times)["median"],
+        "s_per_iteration_back_to_back": back_to_back,
+        **diagnostics,
     }
 
 

@@ -84,13 +84,17 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     args = TINY + ["--iters", "1", "--anchor_prompts", "2", "--anchor_batch_size", "2"]
     # the full fine-tune runs its batch of 2 as two micro-batches of 1
     extra = ["--full_finetune", "--batch_size", "1", "--gradient_accumulation_steps", "2"] if full_finetune else []
-    report = bench("bench_erasure").main(args + extra + ["--profile_dir", str(tmp_path)])
+    report = bench("bench_erasure").main(args + extra + ["--profile_dir", str(tmp_path), "--gap_report",
+                                                         "--sync_report"])
     assert report["global_batch_size"] == 2
+    assert report["gap_report"] is None and report["sync_report"] is None  # device timelines: CUDA only
     assert Path(report["profile"]["profile_table"]).name == f"erasure_{'full' if full_finetune else 'lora'}.txt"
     assert "Input Shapes" in Path(report["profile"]["profile_table_by_shape"]).read_text()
     assert json.loads(capsys.readouterr().out)["s_per_iteration"] == report["s_per_iteration"]
     _assert_positive(report, ["s_per_iteration", "peak_memory_gib", "anchor_s_per_prompt", "projected_run_s",
-                              "projected_run_min", "trainable_parameters", "first_iteration_s"])
+                              "projected_run_min", "trainable_parameters", "first_iteration_s",
+                              "host_s_per_iteration", "s_per_iteration_back_to_back"])
+    assert report["host_s_per_iteration"] <= max(report["iteration_times_s"])
     assert report["projected_run_s"] == pytest.approx(50 * report["anchor_s_per_prompt"]
                                                       + 500 * report["s_per_iteration"])
     assert report["trainable_all_changed"] and report["trainable_all_received_grad"]
@@ -99,6 +103,16 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     assert report["trainable_parameters"] < report["total_parameters"]
     assert math.isfinite(report["first_step_logs"]["loss"]) and math.isfinite(report["first_step_logs"]["pre"])
     assert not AcceleratorState._shared_state  # the run leaves no accelerate state behind for other tests
+
+
+def test_timeline_gaps_count_overlaps_once_and_name_the_longest_gap(bench):
+    spans = [(0.0, 10.0, "a"), (5.0, 20.0, "b"), (20.0, 30.0, "c"), (130.0, 140.0, "d"), (150.0, 160.0, "e")]
+    report = bench("bench_common").timeline_gaps(spans, top=1)
+    assert report["kernels"] == 5 and report["timeline_s"] == pytest.approx(160e-6)
+    assert report["gpu_busy_s"] == pytest.approx(50e-6) and report["gpu_idle_s"] == pytest.approx(110e-6)
+    assert report["gaps_over_50us"] == 1 and report["idle_in_gaps_over_50us_s"] == pytest.approx(100e-6)
+    assert report["longest_gaps"] == [{"us": 100.0, "after": "c", "before": "d"}]
+    assert bench("bench_common").timeline_gaps([]) == {"kernels": 0}
 
 
 def test_sampling_benchmark_runs_as_a_script(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from var_erase.erasure.anchors import AnchorSet, load_or_sample_anchors, sample_anchors
 from var_erase.erasure.config import ErasureConfig
 from var_erase.erasure.prompts import PromptPair
-from var_erase.erasure.trainer import ErasureTrainer, latest_checkpoint
+from var_erase.erasure.trainer import ErasureTrainer, latest_checkpoint, read
 
 from ._tiny import tiny_pipeline
 
@@ -54,6 +54,26 @@ def test_svare_lora_trains_every_adapter_tensor(anchors):
     assert [k for k in before if torch.equal(before[k], after[k])] == []
     logs = trainer.state.history[-1]
     assert {"loss", "pre", "kept"} <= set(logs) and 0 <= logs["kept"] <= 1
+
+
+def test_train_reads_each_iterations_logs_after_queueing_the_next(anchors):
+    """``training_step(read_logs=False)`` hands back detached device scalars (nothing waits for the GPU); ``train``
+    reads them one step late, and its history equals that of iterations read at once."""
+    lazy = _trainer(anchors)
+    queued = lazy.training_step(0, read_logs=False)
+    assert {"loss", "pre", "kept", "bit_err"} <= set(queued)
+    assert all(v.ndim == 0 and not v.requires_grad for k, v in queued.items() if k != "lr")
+    eager = _trainer(anchors)
+    assert read(queued) == pytest.approx(eager.training_step(0))
+
+    trained = _trainer(anchors, max_train_steps=3)
+    trained.train(progress=False)
+    stepped = _trainer(anchors, max_train_steps=3)
+    history = [{"step": step + 1, **stepped.training_step(step)} for step in range(3)]
+    assert [h["step"] for h in trained.state.history] == [1, 2, 3]
+    assert all(isinstance(v, float) for h in trained.state.history for k, v in h.items() if k != "step")
+    for got, want in zip(trained.state.history, history):
+        assert got == pytest.approx(want)
 
 
 @pytest.mark.parametrize("method", ["fce", "vare", "naive", "esd"])

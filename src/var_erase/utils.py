@@ -27,3 +27,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.remove(tmp)
         raise
     return path
+
+
+def to_device_async(tensor, device):
+    """``tensor`` on ``device`` without making the host wait for the GPU: a CPU tensor bound for CUDA goes through
+    pinned memory with a non-blocking copy (a plain ``.to("cuda")`` from pageable memory synchronises the stream
+    first). Anywhere else this is ``tensor.to(device)``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

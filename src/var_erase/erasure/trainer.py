@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..loaders.lora import adapters_disabled
 from ..pipelines.sampling import guide_logits
+from ..utils import to_device_async
 from . import losses as L
 from .anchors import AnchorSet
 from .config import ErasureConfig
@@ -122,7 +123,8 @@ class ErasureTrainer:
     # set-up
     @torch.no_grad()
     def _encode_prompts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Text features of every prompt, computed once: ``{prompt: (states_TC, mask_T)}`` on the device."""
+        """Text features of every prompt, computed once: ``{prompt: (states_TC on the device, T)}`` (T5 pads on the
+        right, so the first T tokens are the prompt's)."""
         prompts = sorted({p for pair in self.pairs for p in (pair.unsafe, pair.safe)} | set(self.retain_prompts))
         device = self.accelerator.device
         self.pipe.text_encoder.to(device)
@@ -132,7 +134,7 @@ class ErasureTrainer:
             states, mask = self.pipe.encode_prompt(chunk, device)
             for i, prompt in enumerate(chunk):
                 length = int(mask[i].sum())
-                out[prompt] = (states[i, :length].float(), mask[i, :length])
+                out[prompt] = (states[i, :length].float(), length)
         return out
 
     def _prepare_trainable(self, transformer, gradient_checkpointing: bool | str):
@@ -216,13 +218,14 @@ class ErasureTrainer:
         return rows
 
     def _text_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad the cached features of ``prompts`` to one (B, T, C) batch with its (B, T) mask."""
+        """Pad the cached features of ``prompts`` to one (B, T, C) batch on the device with its (B, T) mask, built
+        on the host (the transformer checks a host mask without waiting for the GPU, then copies it)."""
         feats = [self.text[p] for p in prompts]
         length = max(f[0].shape[0] for f in feats)
         states = torch.zeros(len(feats), length, feats[0][0].shape[-1], device=self.accelerator.device)
-        mask = torch.zeros(len(feats), length, dtype=torch.bool, device=self.accelerator.device)
-        for i, (s, m) in enumerate(feats):
-            states[i, : s.shape[0]], mask[i, : m.shape[0]] = s, m
+        mask = torch.zeros(len(feats), length, dtype=torch.bool)
+        for i, (s, n) in enumerate(feats):
+            states[i, :n], mask[i, :n] = s, True
         return states, mask
 
     def _text_and_uncond(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -233,11 +236,12 @@ class ErasureTrainer:
         return states_BTC, uncond_BTC, mask_BT
 
     def _anchor_batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The anchor rows on the device (copies that do not make the host wait for the GPU)."""
         device, n = self.accelerator.device, self.schedule.total_tokens
-        return {"bits": self.anchors.bits[rows, :n].long().to(device),
-                "inputs": self.anchors.inputs[rows, : n - 1].to(device),
-                "logits": self.anchors.logits[rows, :n].to(device),
-                "cond_logits": self.anchors.cond_logits[rows, :n].to(device)}
+        return {"bits": to_device_async(self.anchors.bits[rows, :n], device).long(),
+                "inputs": to_device_async(self.anchors.inputs[rows, : n - 1], device),
+                "logits": to_device_async(self.anchors.logits[rows, :n], device),
+                "cond_logits": to_device_async(self.anchors.cond_logits[rows, :n], device)}
 
     # ----------------------------------------------------------------------------------------------------------------
     # losses
@@ -257,7 +261,7 @@ class ErasureTrainer:
         rate = self.config.cond_drop_rate
         flags = [bool(torch.rand((), generator=torch.Generator().manual_seed(
             (self.seed * 1_000_003 + 4 * i + salt) % 2**63)) < rate) for i in sample_ids]
-        return torch.tensor(flags, dtype=torch.bool, device=self.accelerator.device)
+        return to_device_async(torch.tensor(flags, dtype=torch.bool), self.accelerator.device)
 
     def _guided_logits(self, inputs: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """The student's guided logits along ``inputs``, as the sampler mixes them (``g * cond + (1 - g) * uncond``
@@ -277,16 +281,17 @@ class ErasureTrainer:
 
     def erase_loss(self, pairs: list[PromptPair], anchor: dict, sample_ids: list[int] | None = None
                    ) -> tuple[torch.Tensor, dict]:
-        """The method's erasure term (the only term, except for S-VARE's preservation step). ``sample_ids``: the
-        pairs' global sample indices, which fix their condition dropout (:meth:`cond_drop_mask`); None draws it from
-        the device's random stream."""
+        """The method's erasure term (the only term, except for S-VARE's preservation step) and what it logs (detached
+        scalar tensors, read without waiting for the GPU only later). ``sample_ids``: the pairs' global sample
+        indices, which fix their condition dropout (:meth:`cond_drop_mask`); None draws it from the device's random
+        stream."""
         cfg, unsafe = self.config, [p.unsafe for p in pairs]
         ids = {"sample_ids": sample_ids, "salt": 1}
         if cfg.method in ("svare", "fce"):
             out = L.filtered_cross_entropy(self._logits(anchor["inputs"], unsafe, **ids), anchor["bits"],
                                            cfg.bit_threshold, cfg.token_threshold, cfg.comparison, cfg.normalize,
                                            token_weight_L=self.erase_token_weight)
-            return out.loss, {"kept": out.kept_ratio.item(), "bit_err": out.bit_error_rate.item()}
+            return out.loss, {"kept": out.kept_ratio, "bit_err": out.bit_error_rate}
         if cfg.method == "vare":
             return L.vare_basic_loss(self._logits(anchor["inputs"], unsafe, **ids), anchor["cond_logits"]), {}
         if cfg.method == "naive":
@@ -350,8 +355,9 @@ class ErasureTrainer:
 
     # ----------------------------------------------------------------------------------------------------------------
     # optimisation
-    def _update(self, loss_fn) -> float:
-        """Accumulate ``loss_fn(micro)`` over the micro-batches, clip, step. Returns the mean loss."""
+    def _update(self, loss_fn) -> torch.Tensor:
+        """Accumulate ``loss_fn(micro)`` over the micro-batches, clip, step. Returns the mean loss (detached, on the
+        device: nothing here waits for the GPU)."""
         total = 0.0
         for micro in range(self.accumulation):
             sync = micro == self.accumulation - 1
@@ -359,7 +365,7 @@ class ErasureTrainer:
             with ctx:
                 loss = loss_fn(micro) / self.accumulation
                 self.accelerator.backward(loss)
-            total += loss.item()
+            total = total + loss.detach()
         # under FSDP accelerate clips through the wrapped model only when given all its parameters (global norm);
         # frozen ones have no gradient and do not count
         params = self.model.parameters() if self._fsdp else self.trainable_parameters()
@@ -369,8 +375,12 @@ class ErasureTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total
 
-    def training_step(self, step: int) -> dict:
-        """One iteration (both steps of the alternating update, or one joint step)."""
+    def training_step(self, step: int, read_logs: bool = True) -> dict:
+        """One iteration (both steps of the alternating update, or one joint step) and its logs.
+
+        The iteration itself never waits for the GPU. With ``read_logs`` (default) the logs are floats, read once
+        the iteration's work is done; ``read_logs=False`` returns them as detached scalar device tensors, so the
+        host can queue the next iteration first (``float()`` them later, as :meth:`train` does one step late)."""
         micro_batches, retain_batches, ids = [], [], []
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         b, rb = self.config.train_batch_size, self.config.effective_retain_batch_size
@@ -403,7 +413,7 @@ class ErasureTrainer:
                 logs["loss"] = self._update(erase)
                 if uses_pre:
                     logs["pre"] = self._update(preserve)
-        return logs
+        return read(logs) if read_logs else logs
 
     def _memory_budget(self):
         """The compiler's activation memory budget while (re)compiling the blocks for the backward, or nothing."""
@@ -419,14 +429,24 @@ class ErasureTrainer:
         total = max_train_steps or self.config.max_train_steps
         bar = tqdm(total=total, initial=self.state.step, desc=f"erasing ({self.config.method})",
                    disable=not (progress and self.accelerator.is_main_process))
+        pending: list[dict] = []  # the last iteration's logs, read after the next one is queued
+
+        def record() -> None:
+            while pending:
+                logs = read(pending.pop(0))
+                self.state.history.append(logs)
+                bar.update()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "step"})
+
         while self.state.step < total:
-            logs = self.training_step(self.state.step)
+            logs = self.training_step(self.state.step, read_logs=False)
             self.state.step += 1
-            self.state.history.append({"step": self.state.step, **logs})
-            bar.update()
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            record()
+            pending.append({"step": self.state.step, **logs})
             if checkpointing_steps and output_dir and self.state.step % checkpointing_steps == 0:
+                record()
                 self.save_checkpoint(os.path.join(output_dir, f"checkpoint-{self.state.step}"))
+        record()
         bar.close()
         return self.state
 
@@ -472,6 +492,11 @@ class ErasureTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
+
+
+def read(logs: dict) -> dict:
+    """``logs`` with every tensor read as a float (this waits for the GPU work that computes them)."""
+    return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
 
 
 def _shuffled_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -37,6 +37,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from torch import nn
 
 from ..schedules import ScaleSchedule
+from ..utils import to_device_async
 from .attention import CosineSelfAttention, CrossAttention, KVCache, TextAttentivePool, rope_2d_frequencies
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -386,12 +387,21 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if mask_BT.shape != states_BTC.shape[:2]:
             raise ValueError(f"encoder_attention_mask must be (batch, tokens) = {tuple(states_BTC.shape[:2])}, "
                              f"got {tuple(mask_BT.shape)}")
-        mask_BT = mask_BT.to(device=states_BTC.device, dtype=torch.bool)
-        # a data-dependent check (a host sync): skipped inside torch.compile, where it would break the graph
-        if not torch.compiler.is_compiling() and not bool(mask_BT.any(dim=1).all()):
+        # a data-dependent check: free on a CPU mask (checked before the copy, which then does not wait for the GPU);
+        # on a device mask a host sync, skipped inside torch.compile, where it would break the graph
+        on_host = mask_BT.device.type == "cpu"
+        if on_host:
+            self._check_text_mask(mask_BT)
+        mask_BT = to_device_async(mask_BT.to(torch.bool), states_BTC.device)
+        if not on_host and not torch.compiler.is_compiling():
+            self._check_text_mask(mask_BT)
+        return states_BTC, mask_BT
+
+    @staticmethod
+    def _check_text_mask(mask_BT: torch.Tensor) -> None:
+        if not bool(mask_BT.any(dim=1).all()):
             raise ValueError("every prompt needs at least one unmasked text token (T5 always keeps its </s> token); "
                              "check encoder_attention_mask")
-        return states_BTC, mask_BT
 
     def _resolve_condition(self, states_BTC, mask_BT, condition, cond_drop_prob, cond_drop_mask=None
                            ) -> TextCondition:
