@@ -85,14 +85,29 @@ def stub_text_encoder(text_dim: int):
     return T5EncoderModel(config).eval()
 
 
+def flan_t5_xl_shaped_encoder(dtype: torch.dtype):
+    """A random T5 encoder of Flan-T5-XL's shape (24 layers, width 2048, gated GELU, 32,128-entry vocabulary: 1.22 B
+    parameters, 2.4 GB in bf16) in ``dtype``, built on the current default device. Where memory is measured, this
+    holds the memory the real text encoder holds; ByT5's byte ids (< 384) index its vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    return T5EncoderModel(config).to(dtype).eval()
+
+
 def build_pipeline(config_name: str, device: torch.device, dtype: torch.dtype, vae_dtype: torch.dtype,
-                   seed: int = 0) -> VARPipeline:
+                   seed: int = 0, full_text_encoder: bool = False) -> VARPipeline:
     """A ``VARPipeline`` with random weights, built directly on ``device``.
 
     The transformer gets its own (Infinity training) init; its blocks are cast to ``dtype`` while the text modules,
     embeddings, AdaLN projections and head stay float32, which is what ``from_pretrained(..., dtype=torch.bfloat16)``
-    gives (``_keep_in_fp32_modules``). The VAE is cast to ``vae_dtype`` as a whole.
+    gives (``_keep_in_fp32_modules``). The VAE is cast to ``vae_dtype`` as a whole. The text encoder is
+    :func:`stub_text_encoder`, or with ``full_text_encoder`` (Infinity-2B only) :func:`flan_t5_xl_shaped_encoder` in
+    ``dtype``.
     """
+    if full_text_encoder and config_name != "infinity-2b":
+        raise ValueError(f"the Flan-T5-XL-shaped text encoder is for the infinity-2b config, not {config_name}")
     from transformers import ByT5Tokenizer
 
     spec = CONFIGS[config_name]
@@ -100,7 +115,8 @@ def build_pipeline(config_name: str, device: torch.device, dtype: torch.dtype, v
     with torch.device(device):
         transformer = VARTransformer2DModel(**spec["transformer"]).eval()
         vae = BSQAutoencoder(**spec["vae"]).eval()
-        text_encoder = stub_text_encoder(spec["transformer"]["text_dim"])
+        text_encoder = (flan_t5_xl_shaped_encoder(dtype) if full_text_encoder
+                        else stub_text_encoder(spec["transformer"]["text_dim"]))
     transformer.transformer_blocks.to(dtype)
     for child in vae.children():  # (vae.to(dtype) itself warns about _keep_in_fp32_modules, which it has none of)
         child.to(vae_dtype)

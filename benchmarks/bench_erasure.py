@@ -19,9 +19,12 @@ What runs is the product's own code on an Infinity-2B-shaped pipeline with rando
    iteration (``host_s_per_iteration``, until its work is queued) and ``s_per_iteration_back_to_back``, ``--iters``
    more iterations queued one after the other as ``ErasureTrainer.train`` runs them (logs read one step late).
 
-Text: the pipeline's text encoder is a random one-layer T5 of Flan-T5-XL's width (2048) over bytes (ByT5's
-tokenizer), so prompt features have the real shape with about 25 tokens per prompt; the trainer encodes every prompt
-once before training, so the real encoder would add about 0.04 s per prompt to the set-up only.
+Text: at infinity-2b size the pipeline's text encoder is a random T5 encoder of Flan-T5-XL's shape (1.22 B
+parameters in ``--dtype``, as ``train_svare.py --mixed_precision bf16`` loads the real one), so the memory of every
+phase is what a real run holds: the encoder sits on the GPU while the anchors are sampled and in CPU memory while
+training (``ErasureTrainer.unused_models_offloaded``, as ``train`` runs). Its tokenizer is ByT5's (bytes), about 25
+tokens per prompt, the length of the reference's Flan-T5 prompts. The trainer encodes every prompt once before
+training. ``--stub_text_encoder`` swaps in a one-layer stub (the ``tiny`` config always uses one).
 
 Checks reported with the timings: every trainable tensor changed after the first iteration (``lora_all_changed`` for a
 LoRA), and every trainable tensor received a nonzero gradient during it (a LoRA's ``A`` matrices change through weight
@@ -105,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "activations kept for the backward (ErasureTrainer(activation_memory_budget=...))")
     p.add_argument("--preservation_student", choices=["conditional", "guided"], default="conditional",
                    help="L_Pre on the student's conditional logits (the reference) or its guided mix (twice the rows)")
+    p.add_argument("--stub_text_encoder", action="store_true",
+                   help="infinity-2b: the one-layer stub text encoder instead of a Flan-T5-XL-shaped one (1.22 B "
+                        "parameters in --dtype, on the GPU while anchors are sampled, in CPU memory while training)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off in the library)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -223,8 +229,7 @@ def time_back_to_back(trainer: ErasureTrainer, first_step: int, count: int) -> f
 
 def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet, accelerator,
                   args) -> dict:
-    """Build the trainer, run the checked first iteration, the other warm-ups and the timed iterations."""
-    device = accelerator.device
+    """Build the trainer and measure its iterations with the unused models offloaded, as ``train`` runs them."""
     start = time.perf_counter()
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -232,6 +237,13 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
                                                      else args.gradient_checkpointing),
                              compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget)
     setup_s = time.perf_counter() - start
+    with trainer.unused_models_offloaded():  # as in ErasureTrainer.train: the text encoder and VAE wait on the CPU
+        return {**measure_training(trainer, config, args), "trainer_setup_s": setup_s}
+
+
+def measure_training(trainer: ErasureTrainer, config: ErasureConfig, args) -> dict:
+    """The checked first iteration, the other warm-ups, the timed iterations and the optional diagnostics."""
+    device = trainer.accelerator.device
     reset_peak_memory(device)
     log(f"training: 1 checked + {args.warmup - 1} warm-up + {args.iters} timed iterations")
     checks, first_s = checked_first_step(trainer)
@@ -257,7 +269,6 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
         "lora_all_changed": checks["trainable_all_changed"] if lora else None,
         **checks,
         "first_iteration_s": first_s,
-        "trainer_setup_s": setup_s,
         "iteration_s": summarize(times),
         "iteration_times_s": times,
         "host_s_per_iteration": summarize(host_times)["median"],
@@ -286,7 +297,9 @@ def run(args, device: torch.device) -> dict:
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
     log(f"building {args.config} with random weights on {accelerator.device}")
-    pipe = build_pipeline(args.config, accelerator.device, DTYPES[args.dtype], DTYPES[args.dtype], args.seed)
+    full_text_encoder = args.config == "infinity-2b" and not args.stub_text_encoder
+    pipe = build_pipeline(args.config, accelerator.device, DTYPES[args.dtype], DTYPES[args.dtype], args.seed,
+                          full_text_encoder=full_text_encoder)
     config = erasure_config(args)
     pairs = make_pairs(args.anchor_prompts)
     log(f"anchors: {len(pairs)} safe prompts, batch {args.anchor_batch_size} (after one warm-up batch)")
@@ -299,6 +312,7 @@ def run(args, device: torch.device) -> dict:
         **anchor_report,
         "projected_run_s": projected,
         "projected_run_min": projected / 60,
+        "text_encoder_parameters": count_parameters(pipe.text_encoder),
         "finetune_mode": config.finetune_mode,
         "num_processes": accelerator.num_processes,
         "global_batch_size": args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes,

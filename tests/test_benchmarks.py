@@ -105,6 +105,13 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     assert not AcceleratorState._shared_state  # the run leaves no accelerate state behind for other tests
 
 
+def test_attention_benchmark_times_the_per_scale_path(bench):
+    report = bench("bench_attention").main(["--config", "tiny", "--device", "cpu", "--no_compile", "--iters", "1"])
+    result = report["results"]["per_scale_sdpa"]
+    assert 0 < result["forward_ms"] and 0 < result["forward_backward_ms"]
+    assert result["max_abs_diff_vs_per_scale"] == 0.0 and 0.5 < report["visible_share"] < 1
+
+
 def test_timeline_gaps_count_overlaps_once_and_name_the_longest_gap(bench):
     spans = [(0.0, 10.0, "a"), (5.0, 20.0, "b"), (20.0, 30.0, "c"), (130.0, 140.0, "d"), (150.0, 160.0, "e")]
     report = bench("bench_common").timeline_gaps(spans, top=1)

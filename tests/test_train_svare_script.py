@@ -30,6 +30,21 @@ def _args(base, out, steps, *extra):
             "--learning_rate", "1e-3", *extra]
 
 
+@pytest.mark.parametrize("mixed_precision, blocks", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_frozen_weights_load_in_the_mixed_precision_dtype(base, mixed_precision, blocks):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        pipe = train_svare.load_pipeline(base, Accelerator(mixed_precision=mixed_precision, cpu=True))
+    finally:
+        AcceleratorState._reset_state(True)
+    transformer = pipe.transformer
+    assert next(transformer.transformer_blocks.parameters()).dtype == blocks
+    assert next(pipe.text_encoder.parameters()).dtype == next(pipe.vae.parameters()).dtype == blocks
+    assert transformer.text_norm.weight.dtype == transformer.proj_out.weight.dtype == torch.float32  # kept in fp32
+
+
 def test_interrupted_run_resumes_and_the_adapter_loads(base, tmp_path):
     out = tmp_path / "run"
     train_svare.main(_args(base, out, 2))  # "killed" after its checkpoint at step 2

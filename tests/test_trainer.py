@@ -394,3 +394,21 @@ def test_lr_schedule_spans_the_run_and_resumes_where_it_stopped(anchors, tmp_pat
     assert [h["lr"] for h in resumed.state.history] == pytest.approx(rates)
     for k, v in full.trainable_state_dict().items():
         assert torch.allclose(v, resumed.trainable_state_dict()[k], atol=1e-6), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["svare", "naive"])
+def test_training_keeps_the_models_it_does_not_run_in_cpu_memory(anchors, method):
+    """During ``train`` the text encoder (every prompt is encoded at set-up) and the VAE wait on the CPU, except the
+    text encoder of ``naive``, whose rollouts encode prompts; afterwards they are back on their devices."""
+    trainer = _trainer(anchors, method=method, max_train_steps=1)
+    trainer.pipe.vae.to("cuda")
+    assert trainer.pipe.text_encoder.device.type == "cuda"  # the trainer encoded the prompts there
+    with trainer.unused_models_offloaded():
+        assert next(trainer.pipe.vae.parameters()).device.type == "cpu"
+        assert trainer.pipe.text_encoder.device.type == ("cuda" if method == "naive" else "cpu")
+        assert trainer.transformer.device.type == "cuda"
+        trainer.training_step(0)
+    assert trainer.pipe.text_encoder.device.type == "cuda" and next(trainer.pipe.vae.parameters()).is_cuda
+    trainer.train(progress=False)
+    assert trainer.state.step == 1 and trainer.pipe.text_encoder.device.type == "cuda"
