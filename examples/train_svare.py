@@ -121,7 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast dtype (default: accelerate's config); the frozen weights are loaded in it too "
-                        "(Infinity-2B in bf16: 4 GB of transformer instead of 8), the trained ones stay float32")
+                        "(Infinity-2B in bf16: 4.4 GB of transformer instead of 8.8), the trained ones stay float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpointing_steps", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
