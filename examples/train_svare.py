@@ -81,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "about a minute)")
     p.add_argument("--activation_memory_budget", type=float, default=None,
                    help="with --compile and no --gradient_checkpointing: share (0-1] of the activations kept for the "
-                        "backward, the compiler recomputing the rest (at Infinity-2B, batch 2, on an H200: 0.05 "
-                        "1.62 s per iteration at 18 GiB, 0.4 1.47 s at 37 GiB, 0.7 1.41 s at 55 GiB)")
+                        "backward, the compiler recomputing the rest (at Infinity-2B, batch 2, bf16, on an H200: "
+                        "0.05 1.55 s per iteration at 18 GiB, 0.4 1.46 s at 37 GiB, 0.7 1.40 s at 54 GiB)")
     p.add_argument("--update", choices=["alternating", "joint"], default="alternating")
     p.add_argument("--token_threshold", type=float, default=0.25, help="alpha of the filtered CE")
     p.add_argument("--preservation_weight", type=float, default=0.5)
@@ -118,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of training samples whose text is replaced by the unconditional embedding (the "
                         "reference: 0.1, in both steps)")
     p.add_argument("--anchors_per_prompt", type=int, default=1)
+    p.add_argument("--anchor_batch_size", type=int, default=8,
+                   help="prompts sampled at once for the auxiliary visual tokens (guided: twice the rows). The KV "
+                        "cache grows with it: at Infinity-2B, 1024x1024, bf16, batch 2 peaks at 18 GiB with the text "
+                        "encoder, batch 8 at about 50 GiB")
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast dtype (default: accelerate's config); the frozen weights are loaded in it too "
@@ -134,6 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.concept and not args.prompt_pairs:
         p.error("give at least one --concept (a concept of the model's world) or --prompt_pairs FILE")
+    if args.anchor_batch_size < 1:
+        p.error(f"--anchor_batch_size must be >= 1, got {args.anchor_batch_size}")
     try:
         check_activation_memory_budget(args.activation_memory_budget, args.compile, args.gradient_checkpointing)
     except ValueError as err:
@@ -347,6 +353,7 @@ def main(argv=None) -> str:
     anchors = load_or_sample_anchors(
         pipe, anchor_prompts, args.anchor_cache_dir or os.path.join(args.output_dir, "anchors"),
         model_id=pipeline_fingerprint(pipe), anchors_per_prompt=args.anchors_per_prompt,
+        batch_size=args.anchor_batch_size,
         guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature, top_k=config.anchor_top_k,
         top_p=config.anchor_top_p, seed=config.anchor_seed, progress=accelerator.is_main_process)
 

@@ -66,6 +66,13 @@ def test_unknown_concept_without_pairs_names_the_fix(base, tmp_path):
         train_svare.main(_args(base, tmp_path / "x", 1)[:4] + ["--concept", "nudity"])
 
 
+def test_bad_anchor_batch_size_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_svare.parse_args(["--output_dir", "x", "--concept", "red", "--anchor_batch_size", "0"])
+    assert "--anchor_batch_size must be >= 1, got 0" in capsys.readouterr().err
+    assert train_svare.parse_args(["--output_dir", "x", "--concept", "red"]).anchor_batch_size == 8
+
+
 def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
     out = tmp_path / "retain"
     extra = tmp_path / "keep.txt"

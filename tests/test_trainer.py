@@ -41,6 +41,11 @@ def test_anchor_set_shapes_cache_and_replay(anchors, tmp_path):
     assert torch.equal(cached.bits, again.bits) and torch.equal(cached.bits[0], anchors.bits[0])
 
 
+def test_anchor_sampling_refuses_an_empty_batch():
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        sample_anchors(tiny_pipeline(), ["a red square"], batch_size=0, progress=False)
+
+
 def test_svare_lora_trains_every_adapter_tensor(anchors):
     trainer = _trainer(anchors)
     before = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}

@@ -97,6 +97,8 @@ def sample_anchors(
         raise ValueError("no safe prompts to sample anchors for")
     if anchors_per_prompt < 1:
         raise ValueError(f"anchors_per_prompt must be >= 1, got {anchors_per_prompt}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (prompts sampled at once), got {batch_size}")
     rows = [(p, seed + j) for j in range(anchors_per_prompt) for p in prompts]
     settings = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                     anchors_per_prompt=anchors_per_prompt, height=height, width=width)
