@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temp file next to ``path``, then rename it over ``path``: never a half-written file.
@@ -29,12 +31,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def to_device_async(tensor, device):
+def to_device_async(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``tensor`` on ``device`` without making the host wait for the GPU: a CPU tensor bound for CUDA goes through
     pinned memory with a non-blocking copy (a plain ``.to("cuda")`` from pageable memory synchronises the stream
     first). Anywhere else this is ``tensor.to(device)``."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)

@@ -123,7 +123,7 @@ class ErasureTrainer:
     # ----------------------------------------------------------------------------------------------------------------
     # set-up
     @torch.no_grad()
-    def _encode_prompts(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _encode_prompts(self) -> dict[str, tuple[torch.Tensor, int]]:
         """Text features of every prompt, computed once: ``{prompt: (states_TC on the device, T)}`` (T5 pads on the
         right, so the first T tokens are the prompt's)."""
         prompts = sorted({p for pair in self.pairs for p in (pair.unsafe, pair.safe)} | set(self.retain_prompts))
@@ -282,10 +282,10 @@ class ErasureTrainer:
 
     def erase_loss(self, pairs: list[PromptPair], anchor: dict, sample_ids: list[int] | None = None
                    ) -> tuple[torch.Tensor, dict]:
-        """The method's erasure term (the only term, except for S-VARE's preservation step) and what it logs (detached
-        scalar tensors, read without waiting for the GPU only later). ``sample_ids``: the pairs' global sample
-        indices, which fix their condition dropout (:meth:`cond_drop_mask`); None draws it from the device's random
-        stream."""
+        """The method's erasure term (the only term, except for S-VARE's preservation step) and what it logs, as
+        detached scalar tensors (reading one waits for the GPU, so the caller reads them late). ``sample_ids``: the
+        pairs' global sample indices, which fix their condition dropout (:meth:`cond_drop_mask`); None draws it from
+        the device's random stream."""
         cfg, unsafe = self.config, [p.unsafe for p in pairs]
         ids = {"sample_ids": sample_ids, "salt": 1}
         if cfg.method in ("svare", "fce"):
