@@ -17,7 +17,7 @@ What runs is the product's own code on an Infinity-2B-shaped pipeline with rando
    turns it off). Iterations are timed host-side with a device synchronisation around each, after ``--warmup``
    untimed iterations; the reported value is the median of ``--iters``. Also reported: the host's share of an
    iteration (``host_s_per_iteration``, until its work is queued) and ``s_per_iteration_back_to_back``, ``--iters``
-   more iterations queued one after the other as ``ErasureTrainer.train`` runs them (logs read one step late).
+   more iterations run by ``ErasureTrainer.train`` itself (queued back to back, logs read one step late).
 
 Text: at infinity-2b size the pipeline's text encoder is a random T5 encoder of Flan-T5-XL's shape (1.22 B
 parameters in ``--dtype``, as ``train_svare.py --mixed_precision bf16`` loads the real one), so the memory of every
@@ -74,7 +74,7 @@ from bench_common import (
 from var_erase.erasure.anchors import AnchorSet, sample_anchors
 from var_erase.erasure.config import FULL_FINETUNE_MODULES, ErasureConfig
 from var_erase.erasure.prompts import PromptPair
-from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget, read
+from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -212,17 +212,13 @@ def time_iterations(trainer: ErasureTrainer, first_step: int, count: int) -> tup
 
 
 def time_back_to_back(trainer: ErasureTrainer, first_step: int, count: int) -> float:
-    """Seconds per iteration of ``count`` iterations run as ``ErasureTrainer.train`` runs them: queued one after the
-    other, each one's logs read after the next is queued, one synchronisation at the end."""
+    """Seconds per iteration of ``count`` iterations run by ``ErasureTrainer.train`` itself (queued one after the
+    other, each one's logs read after the next is queued), between two device synchronisations."""
     device = trainer.accelerator.device
+    trainer.state.step = first_step
     synchronize(device)
-    start, pending = time.perf_counter(), None
-    for step in range(first_step, first_step + count):
-        logs = trainer.training_step(step, read_logs=False)
-        if pending is not None:
-            read(pending)
-        pending = logs
-    read(pending)
+    start = time.perf_counter()
+    trainer.train(first_step + count, progress=False)
     synchronize(device)
     return (time.perf_counter() - start) / count
 
