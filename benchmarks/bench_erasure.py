@@ -4,9 +4,11 @@ peak memory, and the projected time of a whole run (50 prompt pairs, 500 iterati
 What runs is the product's own code on an Infinity-2B-shaped pipeline with random weights (blocks in bf16):
 
 1. ``var_erase.erasure.anchors.sample_anchors``: the frozen model samples the auxiliary visual tokens of each safe
-   prompt at 1024x1024 (guidance 4 on logits, so a batch of 2B rows, tau 1, top-k 900, top-p 0.97), then runs the
-   teacher-forced forward that stores the conditional logits. Timed after one untimed warm-up batch; reported per
-   prompt.
+   prompt at 1024x1024 (guidance 4 on logits, so a batch of 2B rows, tau 1, top-k 900, top-p 0.97); the conditional
+   logits come from the guidance batch. On a GPU the scale loop replays CUDA graphs (``sample_anchors``' default;
+   ``--no_anchor_cuda_graphs`` runs it eagerly): the first batch captures them (``anchor_first_batch_s``), the timed
+   batches replay them (``anchor_s_per_prompt``), and what the capture costs beyond a replayed batch
+   (``anchor_capture_overhead_s``) is counted once in the projection.
 2. ``var_erase.erasure.trainer.ErasureTrainer.training_step``: one S-VARE iteration on a batch of 2 pairs, the
    reference's alternating update: filtered cross-entropy under the unsafe prompts teacher-forced on the anchor tokens,
    backward, clip, AdamW step; then ``0.5 * KL`` against the stored guided logits under the safe prompts, backward,
@@ -30,8 +32,9 @@ Checks reported with the timings: every trainable tensor changed after the first
 LoRA), and every trainable tensor received a nonzero gradient during it (a LoRA's ``A`` matrices change through weight
 decay alone, so the gradient check is the stricter one).
 
-``projected_run_s = num_pairs * anchor_s_per_prompt + num_iterations * s_per_iteration`` (defaults 50 and 500,
-``--projected_pairs`` / ``--projected_iterations``); it leaves out loading the model and writing the adapter.
+``projected_run_s = anchor_capture_overhead_s + num_pairs * anchor_s_per_prompt + num_iterations * s_per_iteration``
+(defaults 50 and 500, ``--projected_pairs`` / ``--projected_iterations``); it leaves out loading the model, the first
+iteration's compilation with ``--compile`` (``first_iteration_s``) and writing the adapter.
 
 Examples::
 
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="frozen transformer blocks")
     p.add_argument("--anchor_prompts", type=int, default=8, help="safe prompts whose anchors are timed")
     p.add_argument("--anchor_batch_size", type=int, default=8, help="sample_anchors' batch (its default is 8)")
+    p.add_argument("--no_anchor_cuda_graphs", action="store_true",
+                   help="sample the anchors eagerly instead of replaying CUDA graphs (sample_anchors' GPU default)")
     p.add_argument("--projected_pairs", type=int, default=50)
     p.add_argument("--projected_iterations", type=int, default=500)
     p.add_argument("--compile", action="store_true",
@@ -150,21 +155,38 @@ def erasure_config(args) -> ErasureConfig:
 
 
 def time_anchors(pipe, prompts: list[str], config: ErasureConfig, args, device: torch.device) -> tuple[AnchorSet, dict]:
-    """Warm up on one batch, then sample the anchors of every prompt through ``sample_anchors``; seconds per prompt."""
+    """One warm-up batch (it captures the CUDA graphs), then the anchors of every prompt through ``sample_anchors``
+    (replaying them); seconds per prompt of the second call, and what the first batch cost beyond a replayed one."""
     spec = CONFIGS[args.config]
+    graphs = device.type == "cuda" and not args.no_anchor_cuda_graphs
     kwargs = dict(guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature,
                   top_k=config.anchor_top_k, top_p=config.anchor_top_p, seed=config.anchor_seed,
-                  height=spec["height"], width=spec["width"], batch_size=args.anchor_batch_size, progress=False)
-    sample_anchors(pipe, prompts[: args.anchor_batch_size], **kwargs)
-    reset_peak_memory(device)
+                  height=spec["height"], width=spec["width"], batch_size=args.anchor_batch_size, progress=False,
+                  cuda_graphs=graphs)
+    if graphs:
+        pipe.enable_cuda_graphs()  # kept over both calls: the first captures, the timed one replays
+    first = prompts[: args.anchor_batch_size]
+    reset_peak_memory(device)  # the peak includes the capture
+    first_s = timed(lambda: sample_anchors(pipe, first, **kwargs), device)[1]
+    anchors, elapsed = timed(lambda: sample_anchors(pipe, prompts, **kwargs), device)
+    memory = peak_memory(device)
+    if graphs:
+        pipe.disable_cuda_graphs()
+        torch.cuda.empty_cache()
+    per_prompt = elapsed / len(prompts)
+    return anchors, {"anchor_s_per_prompt": per_prompt, "anchor_s_total": elapsed, "anchor_prompts": len(prompts),
+                     "anchor_peak_memory_gib": memory["peak_memory_gib"], "anchor_cuda_graphs": graphs,
+                     "anchor_first_batch_s": first_s,
+                     "anchor_capture_overhead_s": max(0.0, first_s - len(first) * per_prompt)}
+
+
+def timed(fn, device: torch.device):
+    """``(fn(), wall seconds)`` with the device synchronised before and after."""
     synchronize(device)
     start = time.perf_counter()
-    anchors = sample_anchors(pipe, prompts, **kwargs)
+    out = fn()
     synchronize(device)
-    elapsed = time.perf_counter() - start
-    memory = peak_memory(device)
-    return anchors, {"anchor_s_per_prompt": elapsed / len(prompts), "anchor_s_total": elapsed,
-                     "anchor_prompts": len(prompts), "anchor_peak_memory_gib": memory["peak_memory_gib"]}
+    return out, time.perf_counter() - start
 
 
 def trainable(trainer: ErasureTrainer) -> dict[str, torch.nn.Parameter]:
@@ -298,10 +320,12 @@ def run(args, device: torch.device) -> dict:
                           full_text_encoder=full_text_encoder)
     config = erasure_config(args)
     pairs = make_pairs(args.anchor_prompts)
-    log(f"anchors: {len(pairs)} safe prompts, batch {args.anchor_batch_size} (after one warm-up batch)")
+    log(f"anchors: {len(pairs)} safe prompts, batch {args.anchor_batch_size} (after one warm-up batch)"
+        + ("" if device.type != "cuda" or args.no_anchor_cuda_graphs else ", CUDA graphs"))
     anchors, anchor_report = time_anchors(pipe, [p.safe for p in pairs], config, args, device)
     train_report = time_training(pipe, config, pairs, anchors, accelerator, args)
-    projected = (args.projected_pairs * anchor_report["anchor_s_per_prompt"]
+    projected = (anchor_report["anchor_capture_overhead_s"]
+                 + args.projected_pairs * anchor_report["anchor_s_per_prompt"]
                  + args.projected_iterations * train_report["s_per_iteration"])
     return {
         **train_report,

@@ -123,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "cache grows with it: at Infinity-2B, 1024x1024, bf16, batch 2 peaks at 18 GiB with the text "
                         "encoder, batch 8 at about 50 GiB")
     p.add_argument("--anchor_cache_dir", default=None, help="default: <output_dir>/anchors")
+    p.add_argument("--no_anchor_cuda_graphs", action="store_true",
+                   help="sample the auxiliary visual tokens eagerly; by default, on a GPU, each scale is replayed as "
+                        "a CUDA graph (the same tokens, captured once, dropped before training)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast dtype (default: accelerate's config); the frozen weights are loaded in it too "
                         "(Infinity-2B in bf16: 4.4 GB of transformer instead of 8.8), the trained ones stay float32")
@@ -355,7 +358,8 @@ def main(argv=None) -> str:
         model_id=pipeline_fingerprint(pipe), anchors_per_prompt=args.anchors_per_prompt,
         batch_size=args.anchor_batch_size,
         guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature, top_k=config.anchor_top_k,
-        top_p=config.anchor_top_p, seed=config.anchor_seed, progress=accelerator.is_main_process)
+        top_p=config.anchor_top_p, seed=config.anchor_seed, progress=accelerator.is_main_process,
+        cuda_graphs=False if args.no_anchor_cuda_graphs else None)
 
     # 2. erase
     metadata = AdapterMetadata.from_training(args.pretrained_model_name_or_path, pipe.transformer, concepts,

@@ -77,3 +77,48 @@ def test_compiled_blocks_sample_the_eager_trajectory_with_and_without_graphs():
             _, got = _generate(pipe, 0)
             torch.testing.assert_close(got.logits, eager.logits, rtol=1e-4, atol=1e-4)
             assert (got.bits != eager.bits).float().mean() < 1e-3
+
+
+@pytest.mark.gpu
+def test_prompts_of_different_lengths_share_the_graphs_of_their_length_bucket():
+    """Text memories are padded (masked) to a multiple of ``TEXT_BUCKET`` tokens: one capture serves prompts of any
+    length in the bucket, with the eager logits."""
+    from var_erase.pipelines.cuda_graphs import TEXT_BUCKET
+
+    prompts = ["a circle", "two blue squares"]
+    pipe = tiny_pipeline().to("cuda")
+    lengths = [pipe.encode_prompt(p)[0].shape[1] for p in prompts]
+    assert lengths[0] != lengths[1] and max(lengths) <= TEXT_BUCKET
+    eager = [_generate(pipe, 0, p) for p in prompts]
+    pipe.enable_cuda_graphs()
+    first = None
+    for prompt, (images, trajectory) in zip(prompts, eager):
+        got_images, got = _generate(pipe, 0, prompt)
+        torch.testing.assert_close(got_images, images)
+        first = first or pipe._cuda_graphs._generation
+        assert pipe._cuda_graphs._generation is first  # replayed, not captured again
+        assert torch.equal(got.bits, trajectory.bits)
+        torch.testing.assert_close(got.logits, trajectory.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cond_logits, trajectory.cond_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_captures_leave_no_memory_behind_once_the_graphs_are_dropped():
+    """Every capture warms up on the same side stream: cuBLAS keeps a workspace per stream for good, so a new stream per
+    capture would grow the allocated memory with every (re)capture."""
+    import gc
+
+    pipe = tiny_pipeline().to("cuda")
+    _generate(pipe, 0)  # the eager path's own lazy allocations
+
+    def allocated_after(batches: list[int]) -> int:
+        pipe.enable_cuda_graphs()
+        for n in batches:  # each batch size is a new key: the scales are captured again
+            pipe(["a circle"] * n, generator=torch.Generator("cuda").manual_seed(0), output_type="latent")
+        pipe.disable_cuda_graphs()
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
+    once = allocated_after([1])
+    assert allocated_after([1, 2, 3]) == once

@@ -67,6 +67,13 @@ def test_trajectory_replays_under_teacher_forcing(pipe):
     cond_logits = tf(traj.inputs, states, mask, schedule=traj.schedule).sample
     uncond_logits = tf(traj.inputs, uncond, mask, schedule=traj.schedule).sample
     assert torch.allclose(guide_logits(cond_logits, uncond_logits, g), traj.logits, atol=1e-4)
+    assert torch.allclose(cond_logits, traj.cond_logits, atol=1e-4)  # the guidance batch's conditional half
+
+
+def test_unguided_trajectory_keeps_the_logits_before_temperature_as_conditional(pipe):
+    traj = pipe("a red circle", guidance_scale=1.0, temperature=0.5, generator=_gen(4), return_trajectory=True,
+                output_type="latent").trajectory
+    torch.testing.assert_close(traj.logits, traj.cond_logits / 0.5)
 
 
 def test_negative_prompt_and_no_guidance_run(pipe):

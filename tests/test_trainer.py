@@ -41,6 +41,31 @@ def test_anchor_set_shapes_cache_and_replay(anchors, tmp_path):
     assert torch.equal(cached.bits, again.bits) and torch.equal(cached.bits[0], anchors.bits[0])
 
 
+def test_anchor_conditional_logits_are_the_teacher_forced_forward(anchors):
+    """The conditional logits kept from the sampler's guidance batch are what a forward along the anchor gives."""
+    pipe = tiny_pipeline()
+    states, mask = pipe.encode_prompt([anchors.prompts[0], anchors.prompts[4]])
+    forced = pipe.transformer(anchors.inputs[[0, 4]], states, mask, schedule=anchors.schedule, cond_drop_prob=0.0)
+    torch.testing.assert_close(anchors.cond_logits[[0, 4]], forced.sample, rtol=1e-4, atol=1e-4)
+
+
+def test_anchor_sampling_refuses_cuda_graphs_off_the_gpu():
+    with pytest.raises(ValueError, match="CUDA device"):
+        sample_anchors(tiny_pipeline(), ["a red square"], cuda_graphs=True, progress=False)
+
+
+@pytest.mark.gpu
+def test_anchors_sampled_with_cuda_graphs_are_the_eager_ones_and_the_graphs_are_dropped():
+    prompts = ["a red square", "two big blue squares on a grey background", "a square"]  # three text lengths
+    pipe = tiny_pipeline().to("cuda")
+    eager = sample_anchors(pipe, prompts, batch_size=2, cuda_graphs=False, progress=False)
+    graphed = sample_anchors(pipe, prompts, batch_size=2, progress=False)  # default on a GPU: graphs
+    assert not pipe.cuda_graphs_enabled
+    assert torch.equal(graphed.bits, eager.bits)
+    for key in ("inputs", "logits", "cond_logits"):
+        torch.testing.assert_close(getattr(graphed, key), getattr(eager, key), rtol=1e-5, atol=1e-5)
+
+
 def test_anchor_sampling_refuses_an_empty_batch():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         sample_anchors(tiny_pipeline(), ["a red square"], batch_size=0, progress=False)

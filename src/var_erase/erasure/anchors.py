@@ -10,7 +10,12 @@ top-p 0.97 and the seed 42 for every prompt, and stores three things, which :cla
 - ``logits`` (N, L, 2d): the guided logits they were drawn from (the preservation-KL teacher).
 
 It adds ``cond_logits`` (N, L, 2d): the frozen model's *conditional* logits along the same trajectory (no guidance),
-the teacher of VARE-basic (paper Eq. 7), so baselines need no second frozen forward during training.
+the teacher of VARE-basic (paper Eq. 7), so baselines need no second frozen forward during training. They are the
+conditional half of the sampler's guidance batch (``VARTrajectory.cond_logits``), which is what a teacher-forced forward
+under the prompt along the trajectory computes, within rounding, without running it.
+
+On a GPU the scale loop is replayed as CUDA graphs (:meth:`VARPipeline.enable_cuda_graphs`), captured once for all
+batches: prompts are padded to a common text length bucket, so different prompt lengths reuse the graphs.
 
 Anchors are cached as safetensors keyed by the base model, the prompts and the sampling settings, and reused across
 runs; several anchors per prompt use seeds ``seed, seed + 1, ...``.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import safetensors.torch
@@ -87,11 +93,14 @@ def sample_anchors(
     width: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    cuda_graphs: bool | None = None,
 ) -> AnchorSet:
     """Sample ``anchors_per_prompt`` trajectories per prompt with the pipeline's (frozen) transformer.
 
     Anchor ``j`` of every prompt uses a generator seeded ``seed + j`` (the reference: one anchor, seed 42 for every
-    prompt). Any active LoRA adapter is disabled while sampling.
+    prompt). Any active LoRA adapter is disabled while sampling. ``cuda_graphs``: replay the scale loop as CUDA
+    graphs (the same trajectories, faster at small batches); None turns them on when the transformer is on a GPU. Graphs
+    enabled here are dropped afterwards, with their key/value buffers; graphs the caller enabled stay.
     """
     if not prompts:
         raise ValueError("no safe prompts to sample anchors for")
@@ -104,7 +113,7 @@ def sample_anchors(
                     anchors_per_prompt=anchors_per_prompt, height=height, width=width)
     parts = {"bits": [], "inputs": [], "logits": [], "cond_logits": []}
     schedule = None
-    with adapters_disabled(pipe.transformer):
+    with adapters_disabled(pipe.transformer), _cuda_graphs_enabled(pipe, cuda_graphs):
         for start in tqdm(range(0, len(rows), batch_size), desc="auxiliary visual tokens", disable=not progress):
             batch = rows[start: start + batch_size]
             generators = [torch.Generator().manual_seed(s) for _, s in batch]
@@ -113,14 +122,28 @@ def sample_anchors(
                        output_type="latent", return_trajectory=True)
             traj = out.trajectory
             schedule = traj.schedule
-            states, mask = pipe.encode_prompt([p for p, _ in batch])
-            cond = pipe.transformer(traj.inputs.to(pipe.transformer.dtype), states, mask, schedule=schedule,
-                                    cond_drop_prob=0.0).sample
             parts["bits"].append(traj.bits.to(torch.uint8).cpu())
             parts["inputs"].append(traj.inputs.float().cpu())
             parts["logits"].append(traj.logits.float().cpu())
-            parts["cond_logits"].append(cond.float().cpu())
+            parts["cond_logits"].append(traj.cond_logits.float().cpu())
     return AnchorSet([p for p, _ in rows], *(torch.cat(parts[k]) for k in parts), schedule, settings)
+
+
+@contextmanager
+def _cuda_graphs_enabled(pipe, cuda_graphs: bool | None):
+    """CUDA graphs on ``pipe`` for the block (None: when its transformer is on a GPU); graphs enabled here are
+    dropped on exit and their memory returned, graphs the caller had enabled are left as they are."""
+    if cuda_graphs is None:
+        cuda_graphs = pipe.transformer.device.type == "cuda"
+    if not cuda_graphs or pipe.cuda_graphs_enabled:
+        yield
+        return
+    pipe.enable_cuda_graphs()
+    try:
+        yield
+    finally:
+        pipe.disable_cuda_graphs()
+        torch.cuda.empty_cache()  # the graphs' private memory pool goes back to the device
 
 
 def load_or_sample_anchors(pipe, prompts: list[str], cache_dir: str | None, model_id: str, **kwargs) -> AnchorSet:
@@ -129,7 +152,7 @@ def load_or_sample_anchors(pipe, prompts: list[str], cache_dir: str | None, mode
     ``model_id`` names the weights the anchors come from; :func:`var_erase.hub.pipeline_fingerprint` (what
     ``train_svare.py`` passes) keeps the cache valid wherever the same weights are installed, unlike a path.
     """
-    settings = {k: v for k, v in kwargs.items() if k not in ("batch_size", "progress")}
+    settings = {k: v for k, v in kwargs.items() if k not in ("batch_size", "progress", "cuda_graphs")}
     path = None
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"anchors-{anchor_cache_key(model_id, prompts, settings)}.safetensors")

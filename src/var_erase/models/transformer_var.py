@@ -91,7 +91,7 @@ class TextCondition:
         if not conditions:
             raise ValueError("TextCondition.cat needs at least one condition")
         length = max(c.context_BTC.shape[1] for c in conditions)
-        padded = [c._padded(length) for c in conditions]
+        padded = [c.padded(length) for c in conditions]
         return cls(**{f.name: torch.cat([getattr(c, f.name) for c in padded]) for f in fields(cls)})
 
     def repeat_interleave(self, repeats: int) -> TextCondition:
@@ -101,7 +101,8 @@ class TextCondition:
     def to(self, device: torch.device | str | None = None) -> TextCondition:
         return TextCondition(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-    def _padded(self, length: int) -> TextCondition:
+    def padded(self, length: int) -> TextCondition:
+        """The text memory right-padded to ``length`` tokens (masked out: the same attention output)."""
         pad = length - self.context_BTC.shape[1]
         if pad == 0:
             return self

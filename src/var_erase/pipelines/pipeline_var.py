@@ -7,8 +7,8 @@ The scale loop is Infinity's ``autoregressive_infer_cfg`` (research/var_models.m
 unconditional branch run as one batch through the transformer with a KV cache; guidance is applied on the logits; each
 bit is sampled independently; the sampled codes are accumulated on the final latent grid, and the next scale's input is
 that map resized to the next grid. With ``return_trajectory=True`` the pipeline also returns what S-VARE's auxiliary
-visual tokens are made of: the sampled bits of every scale, the teacher-forcing inputs that replay them, and the guided
-logits they were drawn from.
+visual tokens are made of: the sampled bits of every scale, the teacher-forcing inputs that replay them, the guided
+logits they were drawn from, and the conditional branch's logits (kept from the guidance batch, so no second forward).
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ class VARTrajectory(BaseOutput):
         logits: (B, L, 2d) float32, the guided logits each scale was sampled from (after temperature, before
             top-k/top-p).
         schedule: the scale schedule of the trajectory.
+        cond_logits: (B, L, 2d) float32, the conditional branch's logits along the trajectory (before guidance and
+            temperature): what a teacher-forced forward under the prompt gives, within rounding, at no extra cost.
     """
 
     bits: torch.Tensor
     inputs: torch.Tensor
     logits: torch.Tensor
     schedule: ScaleSchedule
+    cond_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -192,7 +195,8 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (images in [0, 1]) or ``"latent"`` (the summed code map).
             callback_on_step_end: ``fn(pipe, scale_index, scale_index, tensors) -> dict`` after every scale;
                 tensors named in ``callback_on_step_end_tensor_inputs`` (``"f_hat"``, ``"bits"``) may be replaced.
-            return_trajectory: also return the sampled bits, teacher-forcing inputs and guided logits.
+            return_trajectory: also return the sampled bits, teacher-forcing inputs, guided logits and conditional
+                logits (:class:`VARTrajectory`).
             max_sequence_length: cap on text tokens (default the transformer's ``max_text_len``).
         """
         height = self.transformer.config.sample_size if height is None else height
@@ -230,15 +234,16 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
         step = self._scale_step(schedule, condition)
         guided = guidance_scale != 1.0
         f_hat, inputs_Bld = None, None
-        all_bits, all_inputs, all_logits = [], [], []
+        all_bits, all_inputs, all_logits, all_cond = [], [], [], []
         with self.progress_bar(total=schedule.num_scales) as progress_bar:
             for k, grid in enumerate(schedule.grids):
                 x = None if inputs_Bld is None else inputs_Bld.to(transformer.dtype)
                 if x is not None and guided:
                     x = torch.cat([x, x])
-                logits = step(x, k).float()  # (B or 2B, hw, 2d)
+                logits = cond = step(x, k).float()  # (B or 2B, hw, 2d)
                 if guided:
-                    logits = guide_logits(*logits.chunk(2), guidance_scale)
+                    cond, uncond = logits.chunk(2)
+                    logits = guide_logits(cond, uncond, guidance_scale)
                 bits_Bld = sample_bits(logits, temperature, top_k, top_p, generator)
                 if callback is not None:
                     out = callback(self, k, k, _callback_tensors(callback_inputs, f_hat=f_hat, bits=bits_Bld)) or {}
@@ -249,6 +254,7 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
                 if return_trajectory:
                     all_bits.append(bits_Bld)
                     all_logits.append(logits / temperature)
+                    all_cond.append(cond)
                 if k + 1 < schedule.num_scales:
                     inputs_Bld = quantizer.next_scale_input(f_hat, k, schedule)
                     if return_trajectory:
@@ -258,7 +264,8 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
         if return_trajectory:
             d = all_bits[0].shape[-1]
             inputs = torch.cat(all_inputs, 1) if all_inputs else f_hat.new_zeros(batch, 0, d)
-            trajectory = VARTrajectory(torch.cat(all_bits, 1), inputs, torch.cat(all_logits, 1), schedule)
+            trajectory = VARTrajectory(torch.cat(all_bits, 1), inputs, torch.cat(all_logits, 1), schedule,
+                                       torch.cat(all_cond, 1))
         return f_hat, trajectory
 
     def _scale_step(self, schedule, condition):
@@ -281,11 +288,11 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
     def enable_cuda_graphs(self) -> None:
         """Replay every scale of the transformer as a CUDA graph (:mod:`var_erase.pipelines.cuda_graphs`).
 
-        The first generation of each (size, batch, prompt length) captures the graphs; later ones replay them, which
-        removes the host's kernel-launch time (most of the early, small scales at batch 1). Images are the same as
-        without graphs. The graphs keep their key/value buffers between calls (about 5.5 GB for one guided 1024x1024
-        image of Infinity-2B); :meth:`disable_cuda_graphs` frees them. Loading, switching or fusing LoRA adapters
-        is detected and the graphs are captured again.
+        The first generation of each (size, batch, prompt length rounded up to 32 tokens) captures the graphs; later
+        ones replay them, which removes the host's kernel-launch time (most of the early, small scales at batch 1).
+        Images are the same as without graphs. The graphs keep their key/value buffers between calls (about 5.5 GB
+        for one guided 1024x1024 image of Infinity-2B); :meth:`disable_cuda_graphs` frees them. Loading, switching
+        or fusing LoRA adapters is detected and the graphs are captured again.
         """
         from .cuda_graphs import ScaleGraphs
 
@@ -294,6 +301,11 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
     def disable_cuda_graphs(self) -> None:
         """Go back to eager scale steps and free the graphs' memory."""
         self._cuda_graphs = None
+
+    @property
+    def cuda_graphs_enabled(self) -> bool:
+        """Whether :meth:`enable_cuda_graphs` is in effect."""
+        return getattr(self, "_cuda_graphs", None) is not None
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
