@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "generator per image, as anchor sampling passes them")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="pipe.enable_cuda_graphs(): replay each scale as a CUDA graph (captured in the first warm-up)")
+    p.add_argument("--text_bucket", type=int, default=32,
+                   help="with --cuda_graphs: the text is padded (masked) to a multiple of this many tokens so that "
+                        "prompt lengths share graphs (pipe.enable_cuda_graphs(text_bucket=...)); 1: no padding")
     p.add_argument("--compile_vae", action="store_true",
                    help="torch.compile the VAE decoder (inductor fuses its GroupNorms, slow in eager bf16)")
     p.add_argument("--compile", action="store_true",
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise_compile_limits()
         pipe.transformer.compile_repeated_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
     if args.cuda_graphs:
-        pipe.enable_cuda_graphs()
+        pipe.enable_cuda_graphs(text_bucket=args.text_bucket)
     if args.compile_vae:
         raise_compile_limits()
         pipe.vae.decoder.compile()

@@ -9,10 +9,12 @@ from var_erase.models.attention import KVCache
 from ._tiny import tiny_pipeline
 
 
-def test_cuda_graphs_need_a_gpu_model():
+def test_cuda_graphs_need_a_gpu_model_and_a_positive_text_bucket():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="CUDA device"):
         pipe.enable_cuda_graphs()
+    with pytest.raises(ValueError, match="text_bucket must be a positive"):
+        pipe.enable_cuda_graphs(text_bucket=0)
 
 
 def test_kv_cache_truncate_rewinds_and_keeps_buffers():

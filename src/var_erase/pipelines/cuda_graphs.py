@@ -11,8 +11,8 @@ What a graph needs, and how it is provided here:
   (its buffers persist between generations; only its token count is rewound);
 - a fixed shape per graph: one graph per scale, per (schedule, batch rows, text length bucket, dtype); a new key
   evicts the old graphs (the KV buffers of a 1024x1024 batch are large). The text is right-padded (masked) to a
-  multiple of ``TEXT_BUCKET`` tokens, so prompts of different lengths share graphs: a batch of prompts of 17-32 tokens
-  replays the graphs captured for another;
+  multiple of ``text_bucket`` tokens (``TEXT_BUCKET``, 32, by default), so prompts of different lengths share
+  graphs: a batch of prompts of 17-32 tokens replays the graphs captured for another;
 - the same model: graphs bake in the weights' addresses and the LoRA layers active at capture time, so they are
   dropped and recaptured whenever a parameter moves or an adapter is added, removed, (de)activated, rescaled,
   merged or unmerged (checked at the start of each generation).
@@ -121,13 +121,17 @@ class ScaleGraphs:
 
     Args:
         transformer: the (CUDA) transformer whose steps are captured.
+        text_bucket: the text memory is padded (masked) to a multiple of this many tokens, so that prompts of
+            different lengths replay the same graphs; 1 captures every prompt length apart.
     """
 
-    def __init__(self, transformer: VARTransformer2DModel) -> None:
+    def __init__(self, transformer: VARTransformer2DModel, text_bucket: int = TEXT_BUCKET) -> None:
+        if not isinstance(text_bucket, int) or text_bucket < 1:
+            raise ValueError(f"text_bucket must be a positive number of tokens (1: no padding), got {text_bucket!r}")
         if not torch.cuda.is_available() or transformer.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the transformer on a CUDA device, it is on {transformer.device}; "
                              "move the pipeline with pipe.to('cuda') first, or leave CUDA graphs off")
-        self.transformer = transformer
+        self.transformer, self.text_bucket = transformer, text_bucket
         self._key: tuple | None = None
         self._fingerprint: int | None = None
         self._generation: _GraphedGeneration | None = None
@@ -141,7 +145,7 @@ class ScaleGraphs:
 
     def generation(self, schedule: ScaleSchedule, condition: TextCondition):
         length = condition.context_BTC.shape[1]
-        condition = condition.padded(-(-length // TEXT_BUCKET) * TEXT_BUCKET)
+        condition = condition.padded(-(-length // self.text_bucket) * self.text_bucket)
         fingerprint = model_fingerprint(self.transformer)
         key = (schedule, condition.batch_size, condition.context_BTC.shape[1], condition.context_BTC.dtype,
                condition.context_BTC.device)

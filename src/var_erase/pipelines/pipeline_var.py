@@ -27,6 +27,7 @@ from ..loaders.lora import VARLoraLoaderMixin
 from ..models.autoencoder_bsq import BSQAutoencoder
 from ..models.transformer_var import VARTransformer2DModel
 from ..schedules import ScaleSchedule
+from .cuda_graphs import TEXT_BUCKET, ScaleGraphs
 from .sampling import check_sampling_args, guide_logits, sample_bits
 
 
@@ -285,18 +286,17 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
 
     # ----------------------------------------------------------------------------------------------------------------
     # 4. speed
-    def enable_cuda_graphs(self) -> None:
+    def enable_cuda_graphs(self, text_bucket: int = TEXT_BUCKET) -> None:
         """Replay every scale of the transformer as a CUDA graph (:mod:`var_erase.pipelines.cuda_graphs`).
 
-        The first generation of each (size, batch, prompt length rounded up to 32 tokens) captures the graphs; later
-        ones replay them, which removes the host's kernel-launch time (most of the early, small scales at batch 1).
-        Images are the same as without graphs. The graphs keep their key/value buffers between calls (about 5.5 GB
-        for one guided 1024x1024 image of Infinity-2B); :meth:`disable_cuda_graphs` frees them. Loading, switching
-        or fusing LoRA adapters is detected and the graphs are captured again.
+        The first generation of each (size, batch, prompt length rounded up to ``text_bucket`` tokens) captures the
+        graphs; later ones replay them, which removes the host's kernel-launch time (most of the early, small scales
+        at batch 1). The text is padded with masked tokens to that length, so the images are the same as without
+        graphs; ``text_bucket=1`` captures each prompt length apart. The graphs keep their key/value buffers between
+        calls (about 5.5 GB for one guided 1024x1024 image of Infinity-2B); :meth:`disable_cuda_graphs` frees them.
+        Loading, switching or fusing LoRA adapters is detected and the graphs are captured again.
         """
-        from .cuda_graphs import ScaleGraphs
-
-        self._cuda_graphs = ScaleGraphs(self.transformer)
+        self._cuda_graphs = ScaleGraphs(self.transformer, text_bucket=text_bucket)
 
     def disable_cuda_graphs(self) -> None:
         """Go back to eager scale steps and free the graphs' memory."""
