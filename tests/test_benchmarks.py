@@ -99,6 +99,8 @@ def test_erasure_benchmark_trains_every_tensor(bench, tmp_path, capsys, full_fin
     assert report["projected_run_s"] == pytest.approx(report["anchor_capture_overhead_s"]
                                                       + 50 * report["anchor_s_per_prompt"]
                                                       + 500 * report["s_per_iteration"])
+    assert report["projected_run_with_first_iteration_min"] * 60 == pytest.approx(
+        report["projected_run_s"] + max(0.0, report["first_iteration_s"] - report["s_per_iteration"]))
     assert report["trainable_all_changed"] and report["trainable_all_received_grad"]
     assert report["lora_all_changed"] is (None if full_finetune else True)
     assert report["finetune_mode"] == ("full" if full_finetune else "lora")
