@@ -206,11 +206,7 @@ def checked_first_step(trainer: ErasureTrainer) -> tuple[dict, float]:
         return record
 
     handles = [p.register_post_accumulate_grad_hook(hook(n)) for n, p in params.items()]
-    synchronize(trainer.accelerator.device)
-    start = time.perf_counter()
-    logs = trainer.training_step(0)
-    synchronize(trainer.accelerator.device)
-    elapsed = time.perf_counter() - start
+    logs, elapsed = timed(lambda: trainer.training_step(0), trainer.accelerator.device)
     for handle in handles:
         handle.remove()
     unchanged = [n for n, p in params.items() if torch.equal(before[n], p.detach().cpu())]
@@ -237,13 +233,9 @@ def time_iterations(trainer: ErasureTrainer, first_step: int, count: int) -> tup
 def time_back_to_back(trainer: ErasureTrainer, first_step: int, count: int) -> float:
     """Seconds per iteration of ``count`` iterations run by ``ErasureTrainer.train`` itself (queued one after the
     other, each one's logs read after the next is queued), between two device synchronisations."""
-    device = trainer.accelerator.device
     trainer.state.step = first_step
-    synchronize(device)
-    start = time.perf_counter()
-    trainer.train(first_step + count, progress=False)
-    synchronize(device)
-    return (time.perf_counter() - start) / count
+    _, elapsed = timed(lambda: trainer.train(first_step + count, progress=False), trainer.accelerator.device)
+    return elapsed / count
 
 
 def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet, accelerator,
