@@ -75,7 +75,7 @@ from bench_common import (
     target_check,
 )
 
-from var_erase.erasure.anchors import AnchorSet, sample_anchors
+from var_erase.erasure.anchors import AnchorSet, sample_anchors, temporary_cuda_graphs
 from var_erase.erasure.config import FULL_FINETUNE_MODULES, ErasureConfig
 from var_erase.erasure.prompts import PromptPair
 from var_erase.erasure.trainer import ErasureTrainer, check_activation_memory_budget
@@ -164,16 +164,12 @@ def time_anchors(pipe, prompts: list[str], config: ErasureConfig, args, device: 
                   top_k=config.anchor_top_k, top_p=config.anchor_top_p, seed=config.anchor_seed,
                   height=spec["height"], width=spec["width"], batch_size=args.anchor_batch_size, progress=False,
                   cuda_graphs=graphs)
-    if graphs:
-        pipe.enable_cuda_graphs()  # kept over both calls: the first captures, the timed one replays
     first = prompts[: args.anchor_batch_size]
-    reset_peak_memory(device)  # the peak includes the capture
-    first_s = timed(lambda: sample_anchors(pipe, first, **kwargs), device)[1]
-    anchors, elapsed = timed(lambda: sample_anchors(pipe, prompts, **kwargs), device)
-    memory = peak_memory(device)
-    if graphs:
-        pipe.disable_cuda_graphs()
-        torch.cuda.empty_cache()
+    with temporary_cuda_graphs(pipe, graphs):  # kept over both calls: the first captures, the timed one replays
+        reset_peak_memory(device)  # the peak includes the capture
+        first_s = timed(lambda: sample_anchors(pipe, first, **kwargs), device)[1]
+        anchors, elapsed = timed(lambda: sample_anchors(pipe, prompts, **kwargs), device)
+        memory = peak_memory(device)
     per_prompt = elapsed / len(prompts)
     return anchors, {"anchor_s_per_prompt": per_prompt, "anchor_s_total": elapsed, "anchor_prompts": len(prompts),
                      "anchor_peak_memory_gib": memory["peak_memory_gib"], "anchor_cuda_graphs": graphs,

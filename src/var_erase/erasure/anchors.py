@@ -115,7 +115,7 @@ def sample_anchors(
                     anchors_per_prompt=anchors_per_prompt, height=height, width=width)
     parts = {"bits": [], "inputs": [], "logits": [], "cond_logits": []}
     schedule = None
-    with adapters_disabled(pipe.transformer), _cuda_graphs_enabled(pipe, cuda_graphs):
+    with adapters_disabled(pipe.transformer), temporary_cuda_graphs(pipe, cuda_graphs):
         for start in tqdm(range(0, len(rows), batch_size), desc="auxiliary visual tokens", disable=not progress):
             batch = rows[start: start + batch_size]
             generators = [torch.Generator().manual_seed(s) for _, s in batch]
@@ -132,7 +132,7 @@ def sample_anchors(
 
 
 @contextmanager
-def _cuda_graphs_enabled(pipe, cuda_graphs: bool | None):
+def temporary_cuda_graphs(pipe, cuda_graphs: bool | None = None):
     """CUDA graphs on ``pipe`` for the block (None: when its transformer is on a GPU); graphs enabled here are
     dropped on exit and their memory returned, graphs the caller had enabled are left as they are."""
     if cuda_graphs is None:
