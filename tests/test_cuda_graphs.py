@@ -67,6 +67,25 @@ def test_graph_replay_gives_the_eager_images_and_recaptures_after_a_lora_change(
 
 
 @pytest.mark.gpu
+def test_the_capturing_generation_replays_only_the_first_scale(monkeypatch):
+    """Capturing runs nothing, and the warm-up wrote each scale's keys/values into the graphs' buffers: the capturing
+    generation returns the warm-up's logits and replays only scale 0 (whose graph computes the text keys/values)."""
+    pipe = tiny_pipeline().to("cuda")
+    _, eager = _generate(pipe, 0)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(graph), replay(graph))[1])
+    pipe.enable_cuda_graphs()
+    num_scales = pipe.prepare_schedule(64, 64).num_scales
+    for expected_replays in (1, num_scales):  # the first generation captures, the second replays every scale
+        replays.clear()
+        _, got = _generate(pipe, 0)
+        assert len(replays) == expected_replays
+        assert torch.equal(got.bits, eager.bits)
+        torch.testing.assert_close(got.logits, eager.logits, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 def test_compiled_blocks_sample_the_eager_trajectory_with_and_without_graphs():
     """``compile_repeated_blocks`` (KV-cache steps left out as graph breaks) keeps the logits, eager and replayed."""
     pipe = tiny_pipeline().to("cuda")

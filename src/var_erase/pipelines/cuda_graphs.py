@@ -17,9 +17,11 @@ What a graph needs, and how it is provided here:
   dropped and recaptured whenever a parameter moves or an adapter is added, removed, (de)activated, rescaled,
   merged or unmerged (checked at the start of each generation).
 
-The first generation per key captures (a warm-up step on a side stream, then the capture and its replay); the next
-ones only replay. The logits are those of the eager path on the same device (the same kernels; padded text keys are
-masked, so they add exact zeros to the attention), which ``tests/test_cuda_graphs.py`` checks on a GPU.
+The first generation per key captures: a warm-up step on a side stream, then the capture. The warm-up's logits and
+keys/values stand for the first replay (capturing runs nothing, and the warm-up wrote its keys/values into the same
+buffers), except at scale 0, whose graph computes the text keys/values in its own memory and is replayed. The next
+generations only replay. The logits are those of the eager path on the same device (the same kernels; padded text
+keys are masked, so they add exact zeros to the attention), which ``tests/test_cuda_graphs.py`` checks on a GPU.
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class _GraphedGeneration:
             else:
                 self.inputs[k].copy_(token_inputs_Bld)
         if self.graphs[k] is None:
-            self._capture(k)
+            logits = self._capture(k)
+            if logits is not None:
+                return logits
         self.graphs[k].replay()
         self.cache.truncate(self.schedule.offsets[k + 1])  # the replay wrote this scale's keys/values
         return self.outputs[k].clone()
@@ -96,21 +100,31 @@ class _GraphedGeneration:
     def _step(self, k: int) -> torch.Tensor:
         return self.transformer.forward_scale(self.inputs[k], k, self.schedule, self.condition, self.cache)
 
-    def _capture(self, k: int) -> None:
-        start = self.schedule.offsets[k]
+    def _capture(self, k: int) -> torch.Tensor | None:
+        """Warm up and capture scale ``k``. Returns the warm-up's logits when they can stand for the capture's replay
+        (every scale but the first), with this scale's keys/values in the cache; None for scale 0, whose graph
+        computes the text keys/values into the graph's own memory, so it must be replayed once."""
+        start, end = self.schedule.offsets[k], self.schedule.offsets[k + 1]
         side = self.side_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy kernel set-up (cuBLAS, attention plans) must not be captured
-            self._step(k)
+            logits = self._step(k)
         torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())
         self.cache.truncate(start)
         if k == 0:
             self.cache.clear_text()  # the graph of scale 0 must compute the text keys/values itself
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.outputs[k] = self._step(k)
-        self.cache.truncate(start)
         self.graphs[k] = graph
+        if k == 0:
+            self.cache.truncate(start)
+            return None
+        # capturing ran nothing: the KV buffers (fixed addresses, the graph's too) still hold the warm-up's keys/values
+        # of this scale, so the warm-up stands for the first replay
+        self.cache.truncate(end)
+        return logits
 
 
 class ScaleGraphs:
