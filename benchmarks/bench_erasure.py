@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation_memory_budget", type=float, default=None,
                    help="with --compile and --no_gradient_checkpointing: the share (0-1] of the compiled block's "
                         "activations kept for the backward (ErasureTrainer(activation_memory_budget=...))")
+    p.add_argument("--no_lora_rank_padding", action="store_true",
+                   help="LoRA products at the adapter's own rank (ErasureTrainer(pad_lora_rank=False)); by default, "
+                        "on a GPU, they run zero-padded to a multiple of 8: the same adapter on aligned kernels")
     p.add_argument("--preservation_student", choices=["conditional", "guided"], default="conditional",
                    help="L_Pre on the student's conditional logits (the reference) or its guided mix (twice the rows)")
     p.add_argument("--stub_text_encoder", action="store_true",
@@ -242,7 +245,8 @@ def time_training(pipe, config: ErasureConfig, pairs: list[PromptPair], anchors:
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
                              gradient_checkpointing=("selective" if args.selective_checkpointing
                                                      else args.gradient_checkpointing),
-                             compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget)
+                             compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget,
+                             pad_lora_rank=False if args.no_lora_rank_padding else None)
     setup_s = time.perf_counter() - start
     with trainer.unused_models_offloaded():  # as in ErasureTrainer.train: the text encoder and VAE wait on the CPU
         return {**measure_training(trainer, config, args), "trainer_setup_s": setup_s}

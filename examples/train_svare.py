@@ -126,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_anchor_cuda_graphs", action="store_true",
                    help="sample the auxiliary visual tokens eagerly; by default, on a GPU, each scale is replayed as "
                         "a CUDA graph (the same tokens, captured once, dropped before training)")
+    p.add_argument("--no_lora_rank_padding", action="store_true",
+                   help="compute the LoRA products at the adapter's rank; by default, on a GPU, they are zero-padded "
+                        "to a multiple of 8 (the same adapter and results, on faster aligned kernels)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="autocast dtype (default: accelerate's config); the frozen weights are loaded in it too "
                         "(Infinity-2B in bf16: 4.4 GB of transformer instead of 8.8), the trained ones stay float32")
@@ -370,7 +373,8 @@ def main(argv=None) -> str:
     trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=args.seed,
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
                              gradient_checkpointing=args.gradient_checkpointing, retain_prompts=retain,
-                             compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget)
+                             compile_blocks=args.compile, activation_memory_budget=args.activation_memory_budget,
+                             pad_lora_rank=False if args.no_lora_rank_padding else None)
     resume = latest_checkpoint(args.output_dir) if args.resume_from_checkpoint == "latest" else \
         args.resume_from_checkpoint
     if resume:

@@ -44,6 +44,7 @@ from . import losses as L
 from .anchors import AnchorSet
 from .config import ErasureConfig
 from .prompts import PromptPair
+from .rank_padding import pad_lora_ranks
 
 
 @dataclass
@@ -75,16 +76,22 @@ class ErasureTrainer:
         activation_memory_budget: with ``compile_blocks`` and no ``gradient_checkpointing``: the share (0-1] of a
             compiled block's activations kept for the backward (``torch._functorch.config.activation_memory_budget``,
             set during the training steps); the compiler's partitioner recomputes the rest, choosing the cheapest
-            recomputation, where ``gradient_checkpointing`` recomputes whole blocks. At Infinity-2B, batch 2, on an
-            H200: 0.05 gives 1.62 s per iteration at 18.3 GiB (0.1, measured earlier: 1.66 s at 20.7 GiB),
-            against 1.79 s at 17.9 GiB with selective checkpointing; 0.4 gives 1.47 s at 37 GiB and 0.7 1.41 s at
-            55 GiB (docs/performance.md).
+            recomputation, where ``gradient_checkpointing`` recomputes whole blocks. At Infinity-2B, batch 2, LoRA
+            rank 4, on an H200: 0.05 gives 1.51 s per iteration at 18.2 GiB (with ``pad_lora_rank``; 1.58 s
+            without), against 1.79 s at 17.9 GiB with selective checkpointing (an earlier round); more memory buys
+            speed: 0.4 gave 1.46 s at 37 GiB and 0.7 1.40 s at 54 GiB, both without the rank padding
+            (docs/performance.md).
+        pad_lora_rank: compute the LoRA products as if the rank were rounded up to a multiple of 8, with zeros
+            (:func:`~var_erase.erasure.rank_padding.pad_lora_ranks`): the same adapter, its parameters and what is
+            saved unchanged, on faster kernels. None (default): on when training on a CUDA device. The transformer's
+            LoRA layers keep computing that way after training (the same outputs).
     """
 
     def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
                  accelerator: Accelerator | None = None, seed: int = 0, gradient_accumulation_steps: int = 1,
                  gradient_checkpointing: bool | str = False, retain_prompts: list[str] | None = None,
-                 compile_blocks: bool = False, activation_memory_budget: float | None = None) -> None:
+                 compile_blocks: bool = False, activation_memory_budget: float | None = None,
+                 pad_lora_rank: bool | None = None) -> None:
         config.validate()
         check_activation_memory_budget(activation_memory_budget, compile_blocks, gradient_checkpointing)
         self.activation_memory_budget = activation_memory_budget
@@ -111,6 +118,7 @@ class ErasureTrainer:
             weight[:skipped] = 0.0
             self.erase_token_weight = weight
         self.text = self._encode_prompts()
+        self.pad_lora_rank = self.accelerator.device.type == "cuda" if pad_lora_rank is None else pad_lora_rank
         self.transformer = self._prepare_trainable(pipe.transformer, gradient_checkpointing)
         if compile_blocks:
             self.transformer.compile_repeated_blocks()
@@ -145,6 +153,8 @@ class ErasureTrainer:
             transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                                target_modules=list(cfg.lora_target_modules)))
             cast_training_params(transformer, dtype=torch.float32)
+            if self.pad_lora_rank:
+                pad_lora_ranks(transformer)
         else:
             for name, module in transformer.named_modules():
                 if any(name.endswith(f".{m}") for m in cfg.train_modules):
