@@ -13,7 +13,8 @@ What runs is the product's own code on an Infinity-2B-shaped pipeline with rando
    reference's alternating update: filtered cross-entropy under the unsafe prompts teacher-forced on the anchor tokens,
    backward, clip, AdamW step; then ``0.5 * KL`` against the stored guided logits under the safe prompts, backward,
    clip, AdamW step. Both forwards in training mode with 10% condition dropout. Trainable: a rank-4 LoRA on
-   cross-attention + FFN (the trainer's default targets), float32, or with ``--full_finetune`` the cross-attention and
+   cross-attention + FFN (the trainer's default targets), float32, its products zero-padded to rank 8 on a GPU (the
+   trainer's default, ``--no_lora_rank_padding`` turns it off), or with ``--full_finetune`` the cross-attention and
    FFN weights themselves (the reference's setting; the trainer keeps float32 master weights). bf16 autocast through
    ``accelerate`` (``--mixed_precision``), gradient checkpointing of whole blocks (``--no_gradient_checkpointing``
    turns it off). Iterations are timed host-side with a device synchronisation around each, after ``--warmup``
