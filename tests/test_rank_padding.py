@@ -69,13 +69,11 @@ def test_ranks_already_aligned_and_layers_with_a_bias_compute_as_peft_does():
     assert pad_lora_ranks(_model(rank=3, lora_bias=True)) == 0
 
 
-@pytest.mark.parametrize("pad", [False, True])
-def test_trainer_pads_lora_ranks_only_where_asked_and_on_cuda_by_default(anchors, pad):  # noqa: F811
+@pytest.mark.parametrize("pad", [None, False, True])
+def test_trainer_pads_lora_ranks_where_asked_and_by_default_on_cuda(anchors, pad):  # noqa: F811
     trainer = ErasureTrainer(tiny_pipeline(), ErasureConfig(max_train_steps=1), PAIRS, anchors, pad_lora_rank=pad)
-    padded = [m for m in trainer.transformer.modules() if isinstance(m, _PaddedLoraA)]
-    assert bool(padded) == pad
-    if not pad:
-        assert not ErasureTrainer(tiny_pipeline(), ErasureConfig(max_train_steps=1), PAIRS, anchors).pad_lora_rank
+    expected = torch.cuda.is_available() if pad is None else pad  # the trainer's device: CUDA when there is one
+    assert any(isinstance(m, _PaddedLoraA) for m in trainer.transformer.modules()) == expected
 
 
 def test_padded_lora_trains_like_peft_products(anchors):  # noqa: F811

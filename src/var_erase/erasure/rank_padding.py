@@ -6,11 +6,12 @@ Infinity-2B's training shapes (21,042 rows) on an H200 the rank-4 products take 
 at rank 8 take 27-112 us (``docs/performance.md``, ninth round).
 
 :func:`pad_lora_ranks` makes every LoRA layer of a model compute with its ``A`` zero-padded to ``r'`` rows and its
-``B`` to ``r'`` columns (``r'`` the rank rounded up to ``multiple``). The stored parameters do not change: the padding
-is made at each call, so the adapter's shapes, its state dict, what is saved and what the optimizer holds stay those
-of rank ``r``. The extra components of ``x A'^T`` are exact zeros and meet zero columns of ``B'``, so the outputs are
-the rank-``r`` ones and the gradients of ``A`` and ``B`` too (the padded rows and columns get gradients that are
-dropped with the padding). Only the kernels change, and with them the float rounding of the products.
+``B`` to ``r'`` columns (``r'`` the rank rounded up to a multiple of :data:`RANK_MULTIPLE`). The stored parameters do
+not change: the padding is made at each call, so the adapter's shapes, its state dict, what is saved and what the
+optimizer holds stay those of rank ``r``. The extra components of ``x A'^T`` are exact zeros and meet zero columns of
+``B'``, so the outputs are the rank-``r`` ones and the gradients of ``A`` and ``B`` too (the padded rows and columns
+get gradients that are dropped with the padding). Only the kernels change, and with them the float rounding of the
+products.
 """
 
 from __future__ import annotations
