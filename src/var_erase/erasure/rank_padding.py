@@ -27,10 +27,8 @@ RANK_MULTIPLE = 8  # bf16 rows of 16 bytes: cuBLAS's aligned kernels
 class _PaddedLoraA(nn.Linear):
     """``lora_A`` (r, in) computing ``x A'^T`` with ``A`` zero-padded to ``r'`` rows: output (..., r')."""
 
-    rank_multiple = RANK_MULTIPLE
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see the class
-        pad = (-self.weight.shape[0]) % self.rank_multiple
+        pad = (-self.weight.shape[0]) % RANK_MULTIPLE
         return F.linear(x, F.pad(self.weight, (0, 0, 0, pad)))
 
 
@@ -38,10 +36,8 @@ class _PaddedLoraB(nn.Linear):
     """``lora_B`` (out, r) taking the padded (..., r') input of :class:`_PaddedLoraA`, with ``B`` zero-padded to
     ``r'`` columns."""
 
-    rank_multiple = RANK_MULTIPLE
-
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # noqa: D102 - see the class
-        pad = (-self.weight.shape[1]) % self.rank_multiple
+        pad = (-self.weight.shape[1]) % RANK_MULTIPLE
         return F.linear(h, F.pad(self.weight, (0, pad)))
 
 
