@@ -1,0 +1,130 @@
+"""Two frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"`` and ``"heldout"``.
+
+An erasure is trained on caption-template prompts (:mod:`var_erase.toy.captions`, split ``"train"``). Whether it
+generalises is judged on prompts written differently. Two disjoint sets of such prompts exist:
+
+- ``"tuning"``: what the closed training loop validates on (``var_erase.erase(..., validation_steps=...)``) and the
+  only set any recipe may be tuned on.
+- ``"heldout"``: frozen before any tuning (2026-12-05; ``tests/test_toy_phrasings.py`` pins its digest), never used
+  by training, validation or tuning: the set the README's and docs/results.md's headline numbers are measured on.
+- ``"paraphrase"``: the held-out templates with the concept worded by its held-out paraphrases (``Concept.heldout``,
+  words no training caption contains, e.g. "pentagram"); the other attributes keep training words. The base model
+  reads few of these words, so this set measures robustness (is the erased concept still drawn under a name the
+  model barely knows?), not the headline.
+
+Both combine the concept with **every value of the two other kinds** (a shape with each of the 8 colours x 4 styles,
+a colour with each of the 8 shapes x 4 styles, a style with each of the 8 shapes x 8 colours), so a result can be
+broken down by co-occurring attribute (``blue x striped``). They differ from the caption templates and from each
+other in templates, word order and plurals; both use the concepts' training synonyms, cycled evenly, so the base
+model can draw what they ask for (a judgement needs a base model that follows the prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+from .concepts import CONCEPT_KINDS, Concept, concept_names, concepts_of_kind, get_concept
+
+PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase")
+
+# ``{a}`` is the article of what follows it; ``{shapes}`` the plural noun; ``{style}`` the adjective, ``{style_post}``
+# the phrase after the noun. No template here occurs in captions.py, and the two sets share none.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "tuning": (
+        "{a} {colour} {shape} that is {style}",
+        "{shape}, {colour}, {style}",
+        "an illustration of {a} {style} {colour} {shape}",
+        "{a} {colour} {shape} {style_post}, centred",
+        "some {colour} {shapes} {style_post}",
+    ),
+    "heldout": (
+        "draw me {a} {colour} {style} {shape}",
+        "{a} {shape} in {colour}, {style}",
+        "please show {a} {style} {shape} coloured {colour}",
+        "two {colour} {shapes} {style_post}",
+        "a photo of {a} {colour} {shape} {style_post}",
+        "the {shape} is {colour} and {style}",
+        "{colour} and {style}: {a} {shape}",
+        "a small drawing with {a} {style} {colour} {shape} on a plain background",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PhrasedPrompt:
+    """One prompt of a phrasing set: its text, the concept it is written for, and the shape, colour and style it
+    asks for (``values``: ``{"shape": "circle", "colour": "red", "style": "striped"}``)."""
+
+    prompt: str
+    concept: str
+    values: dict
+
+    def mentions(self, concept: str) -> bool:
+        """Whether the prompt asks for ``concept`` (as its own concept or as a co-occurring attribute)."""
+        found = get_concept(concept)
+        return self.values.get(found.kind) == found.name
+
+
+def _plural(noun: str) -> str:
+    head, _, last = noun.rpartition(" ")
+    plural = last + ("es" if last.endswith(("s", "x", "sh", "ch")) else "s")
+    return f"{head} {plural}" if head else plural
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" and not word.lower().startswith("uni") else "a"
+
+
+def _words(concept: Concept, form: str, paraphrased: bool) -> tuple[str, ...]:
+    """The training synonyms of a concept, or its held-out paraphrases."""
+    return concept.heldout[form] if paraphrased else concept.words[form]
+
+
+def _fill(template: str, values: dict[str, Concept], k: int, paraphrase_kind: str | None) -> str:
+    """Template ``template`` filled for ``values``; ``k`` (the prompt's index) picks each word by cycling, so every
+    synonym is used about equally often. The value of ``paraphrase_kind`` is worded with its held-out paraphrases."""
+    pick = lambda options, salt: options[(k * 7 + salt * 3 + k // len(options)) % len(options)]  # noqa: E731
+    words_of = lambda kind, form: _words(values[kind], form, kind == paraphrase_kind)  # noqa: E731
+    shape = pick(words_of("shape", "noun"), 1)
+    words = {"shape": shape, "shapes": _plural(shape), "colour": pick(words_of("colour", "adj"), 2),
+             "style": pick(words_of("style", "adj"), 3), "style_post": pick(words_of("style", "post"), 4)}
+    text = template.format(a="{a}", **words)
+    while "{a}" in text:  # each article agrees with the word after it
+        before, _, after = text.partition("{a}")
+        text = before + _article(after.strip()) + after
+    return text
+
+
+def phrased_prompts(concept: str, phrasing_set: str = "heldout") -> list[PhrasedPrompt]:
+    """Every prompt of ``phrasing_set`` written for ``concept``: one per combination of the values of the other two
+    kinds, each with a template chosen by cycling (deterministic)."""
+    if phrasing_set not in PHRASING_SETS:
+        raise ValueError(f"unknown phrasing set {phrasing_set!r}; choose one of {list(PHRASING_SETS)}")
+    target = get_concept(concept)
+    others = [k for k in CONCEPT_KINDS if k != target.kind]
+    templates = TEMPLATES["heldout" if phrasing_set == "paraphrase" else phrasing_set]
+    paraphrase_kind = target.kind if phrasing_set == "paraphrase" else None
+    rows = []
+    combos = itertools.product(*(concepts_of_kind(k) for k in others))
+    for k, combo in enumerate(combos):
+        values = {target.kind: target, **dict(zip(others, combo))}
+        template = templates[(k + target.index) % len(templates)]
+        rows.append(PhrasedPrompt(_fill(template, values, k + 5 * target.index, paraphrase_kind), target.name,
+                                  {kind: values[kind].name for kind in CONCEPT_KINDS}))
+    return rows
+
+
+def phrasing_rows(phrasing_set: str = "heldout", concepts: list[str] | None = None) -> list[PhrasedPrompt]:
+    """The prompts of ``phrasing_set`` for ``concepts`` (default: all 20 concepts of the toy world)."""
+    return [row for name in (concepts or concept_names()) for row in phrased_prompts(name, phrasing_set)]
+
+
+def phrasing_digest(phrasing_set: str = "heldout") -> str:
+    """SHA-256 of every prompt of the set with its concept: pinned by a test, so the frozen set cannot drift."""
+    text = "\n".join(f"{r.concept}\t{r.prompt}" for r in phrasing_rows(phrasing_set))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+__all__ = ["PHRASING_SETS", "TEMPLATES", "PhrasedPrompt", "phrased_prompts", "phrasing_digest", "phrasing_rows"]
