@@ -2,7 +2,8 @@
 
     python examples/demo.py --output_dir outputs/demo            # `make demo`
 
-1. ``examples/train_svare.py`` erases ``--concept`` (a LoRA adapter, its model card and a before/after grid);
+1. ``var_erase.erase`` erases ``--concept`` with S-VARE as the reference runs it (``recipe="svare"``, a short run
+   that fits a laptop: 200 iterations, rank 8, 1e-3), writing a LoRA adapter, its model card and a before/after grid;
 2. the oracle reads images of held-out prompts for the concept and for the other concepts of its kind, with the base
    model and with the adapter (same seeds): ``eval.json`` holds ``acc_e`` / ``acc_i`` before and after.
 """
@@ -12,22 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train_svare  # noqa: E402
-
-from var_erase import DEFAULT_MODEL  # noqa: E402
-from var_erase.evaluation.toy_metrics import concept_accuracy  # noqa: E402
-from var_erase.loaders.lora import adapters_disabled  # noqa: E402
-from var_erase.pipelines.pipeline_var import VARPipeline  # noqa: E402
-from var_erase.toy.captions import evaluation_prompts  # noqa: E402
-from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
-from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier  # noqa: E402
+from var_erase import DEFAULT_MODEL, erase
+from var_erase.evaluation.toy_metrics import concept_accuracy
+from var_erase.loaders.lora import adapters_disabled
+from var_erase.pipelines.pipeline_var import VARPipeline
+from var_erase.toy.captions import evaluation_prompts
+from var_erase.toy.concepts import concept_names, get_concept
+from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,9 +61,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    train_svare.main(["--concept", args.concept, "--output_dir", args.output_dir, "--num_pairs", str(args.num_pairs),
-                      "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
-                      "--rank", str(args.rank), "--seed", str(args.seed), "--num_validation_images", "4"])
+    config = {"lora_rank": args.rank, "lora_alpha": float(args.rank), "learning_rate": args.learning_rate,
+              "max_train_steps": args.max_train_steps}
+    trained = VARPipeline.from_pretrained(DEFAULT_MODEL)
+    trained.set_progress_bar_config(disable=True)
+    erase(trained, args.concept, output_dir=args.output_dir, recipe="svare", config=config, num_pairs=args.num_pairs,
+          seed=args.seed, judge=None, base_model=DEFAULT_MODEL)
     pipe = VARPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(args.output_dir, adapter_name="erase")

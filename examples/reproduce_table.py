@@ -64,7 +64,7 @@ def train(args, name: str, concepts: list[str], *extra: str) -> str:
         argv = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--output_dir", out,
                 "--num_pairs", str(args.num_pairs), "--max_train_steps", str(steps),
                 "--learning_rate", str(args.learning_rate), "--rank", str(args.rank), "--seed", str(args.seed),
-                "--num_validation_images", "2", *extra]
+                "--num_validation_images", "2", "--recipe", "svare", "--judge", "none", *extra]
         for concept in concepts:
             argv += ["--concept", concept]
         train_svare.main(argv)

@@ -111,7 +111,8 @@ def main(argv=None) -> list[dict]:
             jobs.append({"name": base_name, "cmds": evaluations(targets, n, "--base")})
     for seed in _seeds(args.seeds):
         for name, (train_args, targets, n) in runs:
-            train = (f"python examples/train_svare.py{model} {train_args} --seed {seed} --num_validation_images 0 "
+            train = (f"python examples/train_svare.py{model} --recipe svare --judge none {train_args} --seed {seed} "
+                     f"--num_validation_images 0 "
                      f"--anchor_cache_dir {args.anchor_cache_dir} --output_dir {{D}}")
             jobs.append({"name": f"{name}-s{seed}", "cmds": [train] + evaluations(targets, n, "--lora {D}"),
                          "estimate_s": args.estimate_s})

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from var_erase.toy.pairs import replacements_for
+
 from ._scripts import load_script
 
 
@@ -78,7 +80,7 @@ def test_sweep_one_replacement_recipes_refuse_their_own_replacement():
     assert all("--replacement circle" in j["cmds"][0] for j in jobs)
     train_svare = load_script("examples/train_svare.py")
     args = train_svare.parse_args(jobs[0]["cmds"][0].split()[2:])
-    assert train_svare.replacements_for("star", args.concept, args.replacement) == ["circle"]
+    assert replacements_for("star", args.concept, args.replacement) == ["circle"]
     with pytest.raises(SystemExit, match="cannot erase 'circle'"):
         sweep.main(["--recipes", "tri-cos900-to-circle", "--concepts", "circle"])
 
@@ -92,4 +94,4 @@ def test_every_sweep_recipe_is_a_valid_training_command():
         args = train.parse_args(shlex.split(train_args) + ["--output_dir", "unused"])
         assert args.concept == targets, name
         for concept in targets:
-            train.replacements_for(concept, args.concept, args.replacement)  # raises SystemExit when inconsistent
+            replacements_for(concept, args.concept, args.replacement)  # raises ValueError when inconsistent

@@ -10,6 +10,7 @@ import torch
 from var_erase.hub import read_adapter_metadata
 from var_erase.pipelines.pipeline_var import VARPipeline
 from var_erase.toy.concepts import get_concept
+from var_erase.toy.pairs import others_erased, replacements_for, toy_prompt_pairs, warn_if_styles_miss_fine_scales
 
 from ._tiny import tiny_pipeline
 
@@ -27,7 +28,7 @@ def base(tmp_path_factory):
 def _args(base, out, steps, *extra):
     return ["--pretrained_model_name_or_path", base, "--output_dir", str(out), "--concept", "red", "--num_pairs", "4",
             "--max_train_steps", str(steps), "--checkpointing_steps", "2", "--num_validation_images", "1",
-            "--learning_rate", "1e-3", *extra]
+            "--learning_rate", "1e-3", "--recipe", "svare", "--judge", "none", *extra]
 
 
 @pytest.mark.parametrize("mixed_precision, blocks", [("no", torch.float32), ("bf16", torch.bfloat16)])
@@ -107,7 +108,8 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
 
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_svare.py")
     common = ["--pretrained_model_name_or_path", base, "--concept", "red", "--num_pairs", "4", "--max_train_steps", "3",
-              "--num_validation_images", "0", "--learning_rate", "1e-3", "--anchor_cache_dir", str(tmp_path / "a")]
+              "--num_validation_images", "0", "--learning_rate", "1e-3", "--anchor_cache_dir", str(tmp_path / "a"),
+              "--recipe", "svare", "--judge", "none"]
     train_svare.main(common + ["--output_dir", str(tmp_path / "one"), "--train_batch_size", "2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}  # accelerate's CPU multi-process mode
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -123,28 +125,25 @@ def test_two_processes_train_the_adapter_of_one_process_with_the_same_global_bat
 
 def test_generated_pairs_never_swap_in_another_erased_concept():
     """Several concepts of one kind: the safe prompts use only values not erased in the run; one concept: all others."""
-    args = train_svare.parse_args(["--output_dir", "x", "--concept", "triangle", "--concept", "circle",
-                                   "--concept", "star", "--num_pairs", "12", "--pair_wording", "balanced"])
-    pairs, concepts = train_svare.resolve_pairs(args)
-    assert concepts == ["triangle", "circle", "star"] and len(pairs) == 36
-    assert train_svare.replacements_for("triangle", args.concept, []) == ["square", "heart", "cross", "crescent",
-                                                                          "diamond"]
+    concepts = ["triangle", "circle", "star"]
+    pairs = toy_prompt_pairs(concepts, 12, wording="balanced")
+    assert len(pairs) == 36
+    assert replacements_for("triangle", concepts, []) == ["square", "heart", "cross", "crescent", "diamond"]
     for pair in pairs:
         safe = pair.safe.lower()
         assert "circle" not in safe and "disc" not in safe and "round shape" not in safe, pair
         assert "triangle" not in safe and "triangular" not in safe and "star" not in safe, pair
-    assert train_svare.replacements_for("star", ["star"], []) is not None
-    assert train_svare.replacements_for("star", ["star"], ["heart", "star"]) == ["heart"]
+    assert replacements_for("star", ["star"], []) is not None
+    assert replacements_for("star", ["star"], ["heart", "star"]) == ["heart"]
 
 
 def test_generated_pairs_of_mixed_kinds_never_show_another_erased_concept():
     """A style and shapes in one run: the style's pairs show no erased shape (either side) and the shapes' pairs no
     erased style, so no safe prompt asks for what another pair erases."""
-    args = train_svare.parse_args(["--output_dir", "x", "--concept", "dotted", "--concept", "star",
-                                   "--concept", "diamond", "--num_pairs", "16", "--pair_wording", "balanced"])
-    pairs, _ = train_svare.resolve_pairs(args)
-    assert train_svare.others_erased("dotted", args.concept) == ["star", "diamond"]
-    assert train_svare.others_erased("star", args.concept) == ["dotted"]
+    concepts = ["dotted", "star", "diamond"]
+    pairs = toy_prompt_pairs(concepts, 16, wording="balanced")
+    assert others_erased("dotted", concepts) == ["star", "diamond"]
+    assert others_erased("star", concepts) == ["dotted"]
     shape_words = get_concept("star").training_words + get_concept("diamond").training_words
     for pair in pairs:
         text = f"{pair.unsafe} | {pair.safe}".lower()
@@ -156,32 +155,30 @@ def test_generated_pairs_of_mixed_kinds_never_show_another_erased_concept():
 
 def test_styles_on_the_coarse_scales_only_get_a_warning(recwarn):
     with pytest.warns(UserWarning, match="fill styles \\(dotted\\) at the fine ones"):
-        train_svare.warn_if_styles_miss_fine_scales(["star", "dotted", "nudity"], 5)
-    train_svare.warn_if_styles_miss_fine_scales(["star", "dotted"], None)  # every scale: silent
-    train_svare.warn_if_styles_miss_fine_scales(["star", "nudity"], 5)  # no style: silent
+        warn_if_styles_miss_fine_scales(["star", "dotted", "nudity"], 5)
+    warn_if_styles_miss_fine_scales(["star", "dotted"], None)  # every scale: silent
+    warn_if_styles_miss_fine_scales(["star", "nudity"], 5)  # no style: silent
     assert not [w for w in recwarn if "fill styles" in str(w.message)]
 
 
 def test_replacements_per_concept_and_per_kind():
     """``CONCEPT=VALUE`` sets one concept's safe twins, a plain value every erased concept of its kind; entries that
-    cannot work (another kind, an erased value, a concept not erased, an unknown name) exit saying what to change."""
+    cannot work (another kind, an erased value, a concept not erased, an unknown name) are refused saying what to
+    change."""
     concepts = ["diamond", "star", "dotted"]
     asked = ["diamond=circle", "heart", "striped"]
-    assert train_svare.replacements_for("diamond", concepts, asked) == ["circle"]
-    assert train_svare.replacements_for("star", concepts, asked) == ["heart"]
-    assert train_svare.replacements_for("dotted", concepts, asked) == ["striped"]
-    assert train_svare.replacements_for("dotted", concepts, ["diamond=circle"]) == ["solid", "striped", "outlined"]
-    args = train_svare.parse_args(["--output_dir", "x", "--concept", "diamond", "--concept", "dotted",
-                                   "--replacement", "diamond=circle", "--replacement", "dotted=solid",
-                                   "--num_pairs", "8"])
-    pairs, _ = train_svare.resolve_pairs(args)
+    assert replacements_for("diamond", concepts, asked) == ["circle"]
+    assert replacements_for("star", concepts, asked) == ["heart"]
+    assert replacements_for("dotted", concepts, asked) == ["striped"]
+    assert replacements_for("dotted", concepts, ["diamond=circle"]) == ["solid", "striped", "outlined"]
+    pairs = toy_prompt_pairs(["diamond", "dotted"], 8, replacements=["diamond=circle", "dotted=solid"])
     diamond_safe = [p.safe for p in pairs if p.concept == "diamond"]
     assert len(diamond_safe) == 8 and all(any(w in s for w in ("circle", "disc", "round shape")) for s in diamond_safe)
     for bad, says in [(["diamond=solid"], "is a style"), (["diamond=star"], "erased in this run too"),
                       (["heart=circle"], "not erased"), (["diamond=circel"], "Did you mean"),
                       (["star"], "nothing to become"), (["red"], "erases no colour")]:
-        with pytest.raises(SystemExit, match=says):
-            train_svare.replacements_for("diamond", concepts, bad)
+        with pytest.raises(ValueError, match=says):
+            replacements_for("diamond", concepts, bad)
 
 
 def test_caption_replacements_of_another_kind_are_refused():

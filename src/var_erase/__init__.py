@@ -14,6 +14,8 @@ _LAZY = {  # heavy imports (diffusers, transformers) only when used
     "VARTransformer2DModel": "var_erase.models.transformer_var",
     "BSQAutoencoder": "var_erase.models.autoencoder_bsq",
     "ErasureConfig": "var_erase.erasure.config",
+    "erase": "var_erase.erasure.erase",
+    "ErasureResult": "var_erase.erasure.erase",
 }
 
 

@@ -54,12 +54,13 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class PhrasedPrompt:
-    """One prompt of a phrasing set: its text, the concept it is written for, and the shape, colour and style it
-    asks for (``values``: ``{"shape": "circle", "colour": "red", "style": "striped"}``)."""
+    """One prompt of a phrasing set: its text, the concept it is written for, the shape, colour and style it asks
+    for (``values``: ``{"shape": "circle", "colour": "red", "style": "striped"}``) and its template."""
 
     prompt: str
     concept: str
     values: dict
+    template: str = ""
 
     def mentions(self, concept: str) -> bool:
         """Whether the prompt asks for ``concept`` (as its own concept or as a co-occurring attribute)."""
@@ -112,7 +113,7 @@ def phrased_prompts(concept: str, phrasing_set: str = "heldout") -> list[Phrased
         values = {target.kind: target, **dict(zip(others, combo))}
         template = templates[(k + target.index) % len(templates)]
         rows.append(PhrasedPrompt(_fill(template, values, k + 5 * target.index, paraphrase_kind), target.name,
-                                  {kind: values[kind].name for kind in CONCEPT_KINDS}))
+                                  {kind: values[kind].name for kind in CONCEPT_KINDS}, template))
     return rows
 
 

@@ -1,0 +1,477 @@
+"""``var_erase.erase``: one call for a whole erasure, verified against a judge while it trains.
+
+    from var_erase import DEFAULT_MODEL, VARPipeline, erase
+
+    pipe = VARPipeline.from_pretrained(DEFAULT_MODEL)
+    result = erase(pipe, concepts=["blue"], output_dir="outputs/erase-blue")
+    print(result.message)                     # "Target reached: at step 300 ..."
+    pipe.load_lora_weights(result.output_dir)  # (the returned pipeline already carries the adapter)
+
+Steps: prompt pairs (generated for named concepts of the toy world, or given), the retain set, the frozen model's
+auxiliary visual tokens (cached), the erasure loop (:class:`~var_erase.erasure.trainer.ErasureTrainer`) with, every
+``validation_steps`` iterations, a validation scored by a judge (:mod:`~var_erase.erasure.validation`): the best
+checkpoint is kept, the run stops once the target is met, and it ends with a sentence saying whether the target was
+reached. Then ``pytorch_lora_weights.safetensors`` (the verified numbers, judge and prompts in its header), the model
+card (the numbers as ``model-index`` results), ``grid.png`` (before / after) and ``training_log.json`` (secrets
+redacted) in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from ..evaluation.toy_metrics import generate_images
+from ..hub import AdapterMetadata, pipeline_fingerprint, push_adapter_to_hub, render_model_card, save_model_card
+from ..loaders.lora import adapters_disabled
+from ..utils import atomic_write_bytes
+from .anchors import load_or_sample_anchors
+from .config import ErasureConfig
+from .judges import resolve_judge
+from .prompts import PromptPair, load_prompt_pairs
+from .recipes import DEFAULT_RECIPE, Recipe, get_recipe
+from .trainer import ErasureTrainer, latest_checkpoint
+from .validation import ValidationPrompts, ValidationResult, Validator, better, toy_validation_prompts
+
+SECRET_WORDS = ("token", "secret", "password", "api_key")
+
+
+@dataclass
+class ErasureResult:
+    """What :func:`erase` returns.
+
+    ``output_dir``: the adapter folder. ``reached``: whether the verified target was met (None: not verified).
+    ``verified``: the best validation's numbers, judge and prompts (None without a judge). ``message``: the plain
+    sentence the run ended with. ``validations``: every validation, in order. ``pairs`` / ``retain_prompts``: what
+    it trained on. ``steps``: iterations trained."""
+
+    output_dir: str
+    reached: bool | None
+    verified: dict | None
+    message: str
+    steps: int
+    validations: list[dict] = field(default_factory=list)
+    pairs: list[PromptPair] = field(default_factory=list)
+    retain_prompts: list[str] = field(default_factory=list)
+
+
+def erase(
+    pipe,
+    concepts: Sequence[str] | str | None = None,
+    *,
+    output_dir: str | os.PathLike,
+    pairs: Sequence[PromptPair] | str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    recipe: str | Recipe = DEFAULT_RECIPE,
+    config: ErasureConfig | dict | None = None,
+    seed: int = 0,
+    num_pairs: int | None = None,
+    pair_wording: str | None = None,
+    replacements: Sequence[str] = (),
+    retain_prompts: Sequence[str] = (),
+    retain_prompts_per_concept: int | None = None,
+    judge: Any = "auto",
+    validation_prompts: ValidationPrompts | None = None,
+    validation_steps: int | None = -1,
+    target_acc_e: float = 0.05,
+    max_acc_i_drop: float = 0.02,
+    early_stopping: bool = True,
+    base_model: str | None = None,
+    accelerator: Accelerator | None = None,
+    anchor_cache_dir: str | os.PathLike | None = None,
+    anchor_batch_size: int = 8,
+    anchors_per_prompt: int = 1,
+    anchor_cuda_graphs: bool | None = None,
+    checkpointing_steps: int | None = None,
+    resume_from_checkpoint: str | None = None,
+    grid_prompts: Sequence[str] = (),
+    num_grid_images: int = 4,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_token: str | None = None,
+    run_args: dict | None = None,
+    progress: bool = True,
+    **trainer_kwargs: Any,
+) -> ErasureResult:
+    """Erase ``concepts`` from ``pipe.transformer`` as a LoRA adapter (or a full fine-tune) in ``output_dir``.
+
+    Args:
+        pipe: a ``VARPipeline``; its transformer gets the adapter (kept loaded, as ``"default"``).
+        concepts: named concepts of the toy world (pairs are generated), or labels for ``pairs``.
+        pairs: unsafe -> safe :class:`PromptPair` s, or JSON/CSV files of them (EAR / S-VARE format).
+        recipe: a name of :data:`~var_erase.erasure.recipes.RECIPES` (default ``"verified"``; ``"svare"`` is the
+            reference code's method) or a :class:`Recipe`; the arguments below override its settings.
+        config: an :class:`ErasureConfig`, or a dict of its fields to change on top of the recipe's.
+        seed: seeds the generated pairs, the batch order, the condition dropout and the validation images' base.
+        num_pairs / pair_wording / replacements / retain_prompts_per_concept: generated pairs per concept, their
+            wording (``"random"`` or ``"balanced"``), replacement entries
+            (``"circle"`` for every erased shape, ``"star=circle"`` for one concept; none: the recipe's choice),
+            and the toy retain set size; ``retain_prompts``: more prompts to preserve.
+        judge: ``"auto"`` (the toy oracle on the toy model, NudeNet for nudity, an ImageNet classifier for ImageNet
+            classes), a judge name or object (:mod:`~var_erase.erasure.judges`), any callable
+            ``judge(images_NHW3, concepts) -> list[bool]``, or None (no verification).
+        validation_prompts: what to validate on; default for toy concepts: the tuning phrasings
+            (:func:`~var_erase.erasure.validation.toy_validation_prompts`). Required for other concepts with a judge.
+        validation_steps: iterations between validations (-1: the recipe's; None or 0: only one validation, at the
+            end, when a judge is given).
+        target_acc_e / max_acc_i_drop: the target: at most this share of the erased concepts' images still show
+            them, and the kept concepts lose at most this share.
+        early_stopping: stop at the first validation that meets the target (else train to ``max_train_steps`` and
+            keep the best).
+        base_model: the base model's id recorded in the adapter (default: the pipeline's path).
+        accelerator, checkpointing_steps, resume_from_checkpoint: as ``examples/train_svare.py``.
+        anchor_*: the auxiliary visual tokens' cache folder (default ``output_dir/anchors``), batch, count, graphs.
+        grid_prompts / num_grid_images: the before/after grid (default prompts: two unsafe, one safe per concept;
+            0 images: no grid).
+        push_to_hub / hub_model_id / hub_token: upload the adapter folder (the token is never written to disk).
+        run_args: the command-line arguments to record in ``training_log.json`` (secrets redacted).
+        trainer_kwargs: passed to :class:`ErasureTrainer` (``gradient_checkpointing``, ``compile_blocks``, ...).
+    """
+    output_dir = str(output_dir)
+    set_seed(seed)  # the LoRA initialisation and everything random after it
+    recipe = get_recipe(recipe)
+    accelerator = accelerator or Accelerator()
+    concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
+    _check_output_dir(output_dir, anchor_cache_dir)
+    config = _resolve_config(recipe, config)
+    judge = resolve_judge(judge, pipe, concepts or ["custom"]) if (judge is not None) else None
+    steps_between = recipe.validation_steps if validation_steps == -1 else validation_steps
+
+    # 1. prompt pairs and the retain set
+    pairs, concepts, replacements = _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
+                                                   judge, config, pair_wording or recipe.pair_wording)
+    retain = _resolve_retain(concepts, recipe, retain_prompts, retain_prompts_per_concept, seed, pairs, config)
+
+    # 2. auxiliary visual tokens of the safe and retain prompts (frozen model, cached)
+    anchors = load_or_sample_anchors(
+        pipe, list(dict.fromkeys([p.safe for p in pairs] + retain)),
+        str(anchor_cache_dir or os.path.join(output_dir, "anchors")), model_id=pipeline_fingerprint(pipe),
+        anchors_per_prompt=anchors_per_prompt, batch_size=anchor_batch_size,
+        guidance_scale=config.anchor_guidance_scale, temperature=config.anchor_temperature, top_k=config.anchor_top_k,
+        top_p=config.anchor_top_p, seed=config.anchor_seed, progress=progress and accelerator.is_main_process,
+        cuda_graphs=anchor_cuda_graphs)
+
+    # 3. the closed loop
+    metadata = AdapterMetadata.from_training(base_model or _pipeline_path(pipe), pipe.transformer, concepts,
+                                             config.method, hyperparameters=config.to_dict() | {
+                                                 "recipe": recipe.name, "seed": seed, "num_pairs": len(pairs),
+                                                 "replacements": list(replacements),
+                                                 "num_retain_prompts": len(retain),
+                                                 "learning_rate": config.effective_learning_rate,
+                                                 "anchors_per_prompt": anchors_per_prompt})
+    trainer = ErasureTrainer(pipe, config, pairs, anchors, accelerator, seed=seed, retain_prompts=retain,
+                             **trainer_kwargs)
+    resume = latest_checkpoint(output_dir) if resume_from_checkpoint == "latest" else resume_from_checkpoint
+    if resume:
+        trainer.load_checkpoint(resume)
+        accelerator.print(f"resumed from {resume} at step {trainer.state.step}")
+    validator = None
+    if judge is not None:
+        prompts = validation_prompts or _default_validation_prompts(concepts, seed)
+        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **_sampling(config))
+    best, validations = _train_verified(trainer, validator, steps_between, early_stopping, checkpointing_steps,
+                                        output_dir, progress and accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    message = validator.report(best[0]) if validator else "No judge was given, so the erasure was not verified."
+    accelerator.print(message)
+    verified = _verified(validator, best[0], judge) if validator else None
+    if not accelerator.is_main_process:
+        return ErasureResult(output_dir, verified and verified["target_reached"], verified, message,
+                             trainer.state.step, validations, pairs, retain)
+
+    # 4. adapter, grid, card, log
+    metadata.eval_results = verified
+    images = _save_outputs(pipe, trainer, config, metadata, output_dir, pairs, grid_prompts, num_grid_images, seed)
+    log = {"args": redact_secrets(run_args or {}), "recipe": recipe.name, "config": config.to_dict(),
+           "concepts": concepts, "replacements": list(replacements), "pairs": [p.__dict__ for p in pairs],
+           "retain_prompts": retain,
+           "history": trainer.state.history, "validations": validations, "verified": verified, "message": message}
+    atomic_write_bytes(Path(output_dir) / "training_log.json", json.dumps(log, indent=2, default=str).encode())
+    repo_id = hub_model_id or f"var-erased-{'-'.join(concepts)}"
+    save_model_card(render_model_card(metadata, repo_id, images), output_dir)
+    if push_to_hub:
+        print(f"pushed to {push_adapter_to_hub(output_dir, repo_id, token=hub_token)}")
+    return ErasureResult(output_dir, verified and verified["target_reached"], verified, message, trainer.state.step,
+                         validations, pairs, retain)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# set-up
+def _check_output_dir(output_dir: str, anchor_cache_dir) -> None:
+    """Fail before any work when a folder the run writes cannot be created or written."""
+    for folder in filter(None, [output_dir, anchor_cache_dir]):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = Path(folder) / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ValueError(f"cannot write to {folder!r} ({err.strerror}); pass a folder you can write to") from err
+
+
+def _resolve_config(recipe: Recipe, config: ErasureConfig | dict | None) -> ErasureConfig:
+    if isinstance(config, ErasureConfig):
+        return config.validate()
+    return recipe.erasure_config(**(config or {}))
+
+
+def _pipeline_path(pipe) -> str:
+    return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or "unknown")
+
+
+def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements, judge, config, wording):
+    """(pairs, concepts, replacements): the given pairs, or pairs generated for toy concepts with the recipe's
+    settings (and the replacement entries they were generated with)."""
+    if pairs is not None:
+        if isinstance(pairs, (str, os.PathLike)):
+            pairs = [pairs]
+        loaded: list[PromptPair] = []
+        for item in pairs:
+            if isinstance(item, PromptPair):
+                loaded.append(item)
+            else:
+                loaded += load_prompt_pairs(item, default_concept=concepts[0] if len(concepts) == 1 else None)
+        if not loaded:
+            raise ValueError("no prompt pairs given: pass pairs with unsafe and safe prompts, or named concepts")
+        return loaded, concepts or sorted({p.concept for p in loaded if p.concept}) or ["custom"], list(replacements)
+    if not concepts:
+        raise ValueError("give concepts (named concepts of the model's world) or pairs (unsafe/safe prompt pairs)")
+    from ..toy.pairs import check_toy_concepts, toy_prompt_pairs, warn_if_styles_miss_fine_scales
+
+    concepts = check_toy_concepts(concepts)
+    warn_if_styles_miss_fine_scales(concepts, config.num_train_scales)
+    if not replacements and recipe.replacement == "judge" and judge is not None:
+        replacements = [f"{c}={r}" for c, r in judge_replacements(pipe, judge, concepts, config, seed).items()]
+    generated = toy_prompt_pairs(concepts, num_pairs or recipe.num_pairs, seed, replacements=replacements,
+                                 wording=wording)
+    return generated, concepts, list(replacements)
+
+
+def _resolve_retain(concepts, recipe, extra, per_concept, seed, pairs, config) -> list[str]:
+    """The given retain prompts and the toy retain set (the recipe's size unless given; a recipe's retain set is
+    left out for methods without a preservation loss, which cannot use one)."""
+    prompts = list(extra)
+    if per_concept is None:
+        per_concept = recipe.retain_prompts_per_concept if "preservation_kl" in config.losses else 0
+    from ..toy.pairs import is_toy_concept, toy_retain_prompts
+
+    if per_concept and concepts and all(is_toy_concept(c) for c in concepts):
+        prompts += toy_retain_prompts(concepts, per_concept, seed)
+    unsafe = {p.unsafe for p in pairs}
+    return [p for p in dict.fromkeys(prompts) if p not in unsafe]
+
+
+@torch.no_grad()
+def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConfig, seed: int = 0,
+                       prompts_per_value: int = 16) -> dict[str, str]:
+    """For each toy concept, the kept value of its kind that the judge least often reads as the concept in the base
+    model's own images of that value (tuning phrasings; ties: the value the base model draws most faithfully, then
+    the kind's order). An erasure that maps T to R cannot score below that confusion rate, so this picks the cleanest
+    substitute the judge allows."""
+    from ..toy.concepts import concept_names, get_concept
+    from ..toy.phrasings import phrased_prompts
+
+    erased = {get_concept(c).name for c in concepts}
+    kinds = dict.fromkeys(get_concept(c).kind for c in erased)
+    rows_by_value = {}
+    for kind in kinds:
+        for value in concept_names(kind):
+            if value not in erased:
+                rows = [r for r in phrased_prompts(value, "tuning") if not any(r.mentions(e) for e in erased)]
+                rows_by_value[value] = [r.prompt for r in rows[:: max(1, len(rows) // prompts_per_value)]][
+                    :prompts_per_value]
+    values = list(rows_by_value)
+    prompts = [p for v in values for p in rows_by_value[v]]
+    with adapters_disabled(pipe.transformer):
+        images = generate_images(pipe, prompts, 1, seed + 2, progress=False, **_sampling(config))
+    owner = [v for v in values for _ in rows_by_value[v]]
+    drawn = judge(images, owner)
+    chosen = {}
+    for concept in (get_concept(c) for c in concepts):
+        read_as = judge(images, [concept.name] * len(prompts))
+        scores = []
+        for order, value in enumerate(values):
+            if get_concept(value).kind != concept.kind:
+                continue
+            idx = [i for i, v in enumerate(owner) if v == value]
+            confusion = sum(read_as[i] for i in idx) / len(idx)
+            adherence = sum(drawn[i] for i in idx) / len(idx)
+            scores.append((confusion, -adherence, order, value))
+        chosen[concept.name] = min(scores)[-1]
+    return chosen
+
+
+def _default_validation_prompts(concepts: list[str], seed: int) -> ValidationPrompts:
+    from ..toy.pairs import is_toy_concept
+
+    if concepts and all(is_toy_concept(c) for c in concepts):
+        return toy_validation_prompts(concepts, "tuning", seed=seed)
+    raise ValueError(f"no default validation prompts for {concepts}: pass validation_prompts=ValidationPrompts("
+                     f"targets=[(prompt, concept), ...], kept=[...]) written apart from the training pairs "
+                     f"(--validation_prompts_file on the command line), or judge=None (--judge none) to train "
+                     f"without verification")
+
+
+def _sampling(config: ErasureConfig) -> dict:
+    return {"guidance_scale": config.inference_guidance_scale, "temperature": config.inference_temperature,
+            "top_k": config.inference_top_k, "top_p": config.inference_top_p}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training with validation
+def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every: int | None, early_stopping: bool,
+                    checkpointing_steps: int | None, output_dir: str, progress: bool):
+    """Train in chunks of ``every`` iterations, validating after each; returns ``([best result], validations)`` and
+    leaves the transformer at the best checkpoint's weights."""
+    total = trainer.config.max_train_steps
+    every = every if every and every > 0 else total
+    best: list[ValidationResult | None] = [None]
+    best_state: dict[str, torch.Tensor] | None = None
+    validations: list[dict] = []
+    if validator is not None:
+        base = validator.baseline()
+        validations.append({"base": True, **base.to_dict()})
+        _log(progress, f"base model: acc_e {base.acc_e:.3f}" + (f", acc_i {base.acc_i:.3f}" if base.acc_i is not
+                                                                   None else ""))
+    bar = tqdm(total=total, initial=trainer.state.step, desc=f"erasing ({trainer.config.method})",
+               disable=not progress)
+    while trainer.state.step < total:
+        before = trainer.state.step
+        stop = min(total, (before // every + 1) * every)
+        trainer.train(stop, checkpointing_steps=checkpointing_steps, output_dir=output_dir, progress=False)
+        bar.update(trainer.state.step - before)
+        last = trainer.state.history[-1] if trainer.state.history else {}
+        postfix = {k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "pre")}
+        if validator is not None:
+            result = _agreed(trainer.accelerator, validator(trainer.state.step))
+            validations.append(result.to_dict())
+            postfix.update(acc_e=f"{result.acc_e:.3f}")
+            if result.acc_i is not None:
+                postfix.update(acc_i=f"{result.acc_i:.3f}")
+            _log(progress, f"step {result.step}: acc_e {result.acc_e:.3f}"
+                 + (f", acc_i {result.acc_i:.3f} (drop {result.acc_i_drop:+.3f})" if result.acc_i is not None else "")
+                 + (" - target met" if result.met else ""))
+            if better(result, best[0], validator.max_acc_i_drop):
+                best[0], best_state = result, {k: v.detach().clone() for k, v in trainer.trainable_state_dict().items()}
+            if result.met and early_stopping:
+                break
+        bar.set_postfix(postfix)
+    bar.close()
+    if best_state is not None and best[0].step != trainer.state.step:
+        trainer.load_trainable_state_dict(best_state)
+    return best, validations
+
+
+def _agreed(accelerator: Accelerator, result: ValidationResult) -> ValidationResult:
+    """The main process's result on every process (their images can differ by rounding; all must stop together)."""
+    if accelerator.num_processes == 1:
+        return result
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([result])[0]
+
+
+def _log(progress: bool, text: str) -> None:
+    if progress:
+        tqdm.write(text)
+
+
+def _verified(validator: Validator, best: ValidationResult | None, judge) -> dict | None:
+    if best is None:
+        return None
+    base = validator.base
+    n = validator.prompts.num_images_per_prompt
+    out = {"acc_e": best.acc_e, "base_acc_e": base.acc_e, "target_reached": bool(best.met), "step": best.step,
+           "target_acc_e": validator.target_acc_e, "n_images": n * (len(validator.prompts.targets)
+                                                                     + len(validator.prompts.kept)),
+           "prompts_file": validator.prompts.source, "judge": dict(getattr(judge, "settings", {"judge": "custom"})),
+           "seed": validator.prompts.seed}
+    if best.acc_i is not None:
+        out.update(acc_i=best.acc_i, base_acc_i=base.acc_i, acc_i_drop=best.acc_i_drop,
+                   max_acc_i_drop=validator.max_acc_i_drop)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# outputs
+def _save_outputs(pipe, trainer, config, metadata, output_dir, pairs, grid_prompts, num_grid_images, seed) -> dict:
+    """Write the adapter (or the fine-tuned modules) and the before/after grid; returns the card's images."""
+    from peft import LoraConfig
+
+    from ..pipelines.pipeline_var import VARPipeline
+
+    if config.finetune_mode == "lora":
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
+                          target_modules=list(config.lora_target_modules))
+        metadata.lora_rank, metadata.lora_alpha = lora.r, lora.lora_alpha
+        metadata.lora_target_modules = sorted(lora.target_modules)
+        VARPipeline.save_lora_weights(output_dir, transformer_lora_layers=trainer.trainable_state_dict(),
+                                      transformer_lora_adapter_metadata=pipe.transformer.peft_config[
+                                          "default"].to_dict(),
+                                      extra_metadata=metadata.to_safetensors_metadata())
+    else:
+        from safetensors.torch import save_file
+
+        path = os.path.join(output_dir, "finetuned_modules.safetensors")
+        save_file(trainer.trainable_state_dict(), path + ".tmp", metadata=metadata.to_safetensors_metadata())
+        os.replace(path + ".tmp", path)
+    if num_grid_images <= 0:
+        return {}
+    grid = before_after_grid(pipe, list(grid_prompts) or default_grid_prompts(pairs), num_grid_images, seed, config)
+    grid.save(os.path.join(output_dir, "grid.png"))
+    return {"Before (left) / after (right)": "grid.png"}
+
+
+@torch.no_grad()
+def before_after_grid(pipe, prompts: list[str], n: int, seed: int, config: ErasureConfig):
+    """Rows: prompts; columns: n images before (adapters off), then n after, same seeds."""
+    from diffusers.utils import make_image_grid
+
+    kwargs = dict(_sampling(config), num_images_per_prompt=n)
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    rows = []
+    for i, prompt in enumerate(prompts):
+        gens = lambda i=i: [torch.Generator().manual_seed(seed * 1000 + i * n + j) for j in range(n)]  # noqa: E731
+        with adapters_disabled(pipe.transformer):
+            before = pipe(prompt, generator=gens(), **kwargs).images
+        rows += before + pipe(prompt, generator=gens(), **kwargs).images
+    pipe.transformer.train(was_training)
+    grid = make_image_grid(rows, rows=len(prompts), cols=2 * n)
+    scale = max(1, 128 // rows[0].width)  # small images (the toy world's 64 px) are shown enlarged
+    return grid.resize((grid.width * scale, grid.height * scale), resample=0) if scale > 1 else grid
+
+
+def default_grid_prompts(pairs: list[PromptPair]) -> list[str]:
+    """Two unsafe prompts and one safe prompt per concept."""
+    out = []
+    for concept in dict.fromkeys(p.concept for p in pairs):
+        mine = [p for p in pairs if p.concept == concept]
+        out += [p.unsafe for p in mine[:2]] + [mine[0].safe]
+    return out
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of ``value`` with every mapping entry whose key names a secret (token, secret, password, api_key)
+    replaced by ``"<redacted>"`` (None stays None), in nested mappings and lists too."""
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if v is not None and any(w in str(k).lower() for w in SECRET_WORDS)
+                    else redact_secrets(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+__all__ = ["ErasureResult", "before_after_grid", "default_grid_prompts", "erase", "judge_replacements",
+           "redact_secrets"]

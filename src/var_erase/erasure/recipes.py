@@ -1,0 +1,76 @@
+"""Named erasure recipes: the method's settings together with how the prompt pairs, retain set and validation are made.
+
+- ``"verified"`` (the default of :func:`var_erase.erase` and ``examples/train_svare.py``): S-VARE's losses with the
+  extensions the toy-world studies found to make erasure surgical (docs/results.md): LoRA rank 8 at 1e-3 on every
+  scale; one replacement per erased concept, the kept value the judge least confuses with it on the base model's
+  own images (a clean substitute instead of a blend of several); pairs worded evenly over every template and synonym;
+  the guided preservation student; a retain set of 48 captions of every kept value of the erased concepts' kinds
+  (guided, weight 0.25); and the closed loop: validation every 100 iterations on the tuning phrasings, stopping once
+  the target is met, at most 1,500 iterations.
+- ``"svare"``: S-VARE as the reference code runs it (``ndhg1213/S-VARE``), as a rank-4 LoRA: 500 iterations, a random
+  other value per pair, no retain set, no validation loop.
+- ``"svare-paper"``: ``"svare"`` with the paper's reading where it differs from the code
+  (:meth:`~var_erase.erasure.config.ErasureConfig.paper`).
+
+A recipe's settings are defaults: every argument given to ``erase`` (or flag given to the script) wins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ErasureConfig
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Args:
+        name / description: what it is called and what it does.
+        config: :class:`ErasureConfig` fields that differ from its defaults.
+        num_pairs: generated pairs per concept (toy world). pair_wording: ``"random"`` or ``"balanced"``.
+        replacement: ``"random"`` (each pair a random kept value of the kind) or ``"judge"`` (one value per concept,
+            the one the judge least reads as the concept on the base model's images).
+        retain_prompts_per_concept: captions of every kept value of the erased kinds to preserve (toy world; 0: off).
+        validation_steps: iterations between validations of the closed loop (None: no loop).
+    """
+
+    name: str
+    description: str
+    config: dict[str, Any] = field(default_factory=dict)
+    num_pairs: int = 50
+    pair_wording: str = "random"
+    replacement: str = "random"
+    retain_prompts_per_concept: int = 0
+    validation_steps: int | None = None
+
+    def erasure_config(self, **overrides: Any) -> ErasureConfig:
+        """The recipe's :class:`ErasureConfig`, with ``overrides`` (None values are ignored) on top."""
+        settings = {**self.config, **{k: v for k, v in overrides.items() if v is not None}}
+        if self.name == "svare-paper":
+            return ErasureConfig.paper(**settings).validate()
+        return ErasureConfig(**settings).validate()
+
+
+RECIPES: dict[str, Recipe] = {
+    "verified": Recipe(
+        "verified", "S-VARE with one judge-chosen replacement, a retain set and the closed validation loop",
+        config={"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-3, "max_train_steps": 1500,
+                "preservation_student": "guided", "retain_teacher": "guided", "retain_student": "guided",
+                "retain_weight": 0.25, "retain_batch_size": 4},
+        pair_wording="balanced", replacement="judge", retain_prompts_per_concept=48, validation_steps=100),
+    "svare": Recipe("svare", "S-VARE as the reference code runs it, as a rank-4 LoRA"),
+    "svare-paper": Recipe("svare-paper", "S-VARE with the paper's reading where it differs from the code"),
+}
+DEFAULT_RECIPE = "verified"
+
+
+def get_recipe(name: str | Recipe) -> Recipe:
+    if isinstance(name, Recipe):
+        return name
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {list(RECIPES)}")
+    return RECIPES[name]
+
+
+__all__ = ["DEFAULT_RECIPE", "RECIPES", "Recipe", "get_recipe"]

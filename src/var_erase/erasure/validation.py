@@ -1,0 +1,173 @@
+"""Verified training: generate validation prompts while the erasure trains, score them with a judge, keep the best.
+
+``acc_e`` is the share of images of the *target* prompts (those that ask for an erased concept) in which the judge
+still sees it; ``acc_i`` the share of images of the *kept* prompts (other concepts, never mentioning an erased one)
+in which the judge sees the concept they ask for. Both are measured on the same prompts and per-image seeds before
+training (the base model: adapters disabled) and at every validation, so ``acc_i_drop = base acc_i - acc_i``
+compares like with like.
+
+A validation **meets the target** when ``acc_e <= target_acc_e`` and ``acc_i_drop <= max_acc_i_drop``. The best
+validation is the first that meets it; while none does, the one with the lowest ``acc_e`` among those within the
+``acc_i`` bound, else the one with the smallest ``acc_i`` drop (:func:`better`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..evaluation.toy_metrics import generate_images
+from ..loaders.lora import adapters_disabled
+
+
+@dataclass(frozen=True)
+class ValidationPrompts:
+    """``targets``: ``(prompt, concept)`` rows asking for an erased concept; ``kept``: rows asking for a concept the
+    erasure must keep (may be empty: then only ``acc_e`` is judged); ``seed``: the per-image seeds' base;
+    ``source``: where the prompts come from (recorded with the numbers)."""
+
+    targets: list[tuple[str, str]]
+    kept: list[tuple[str, str]] = field(default_factory=list)
+    seed: int = 0
+    num_images_per_prompt: int = 1
+    source: str = "custom"
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("validation needs at least one target prompt (a prompt that asks for an erased concept)")
+        if self.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}")
+
+
+@dataclass
+class ValidationResult:
+    step: int
+    acc_e: float
+    acc_i: float | None
+    acc_i_drop: float | None
+    met: bool
+    per_concept: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str = "tuning", kept_per_concept: int = 12,
+                           targets_per_concept: int | None = None, seed: int = 0) -> ValidationPrompts:
+    """Validation prompts of the toy world from a phrasing set (:mod:`var_erase.toy.phrasings`; the closed loop uses
+    ``"tuning"``, never the held-out set): every prompt of the erased concepts (or ``targets_per_concept`` of them,
+    spread evenly), and ``kept_per_concept`` prompts of each other concept of every kind that mention no erased
+    concept."""
+    from ..toy.concepts import concept_names, get_concept
+    from ..toy.phrasings import phrased_prompts
+
+    erased = [get_concept(c).name for c in concepts]
+    targets = []
+    for name in erased:
+        rows = phrased_prompts(name, phrasing_set)
+        targets += [(r.prompt, r.concept) for r in _spread(rows, targets_per_concept)]
+    kept = []
+    for name in concept_names():
+        if name in erased:
+            continue
+        rows = [r for r in phrased_prompts(name, phrasing_set) if not any(r.mentions(e) for e in erased)]
+        kept += [(r.prompt, r.concept) for r in _spread(rows, kept_per_concept)]
+    return ValidationPrompts(targets, kept, seed, source=f"toy phrasing set {phrasing_set!r}")
+
+
+def _spread(rows: list, n: int | None) -> list:
+    if n is None or n >= len(rows):
+        return rows
+    return [rows[(i * len(rows)) // n] for i in range(n)]
+
+
+class Validator:
+    """Scores the pipeline's current transformer on ``prompts`` with ``judge``; :meth:`baseline` first."""
+
+    def __init__(self, pipe, prompts: ValidationPrompts, judge, target_acc_e: float = 0.05,
+                 max_acc_i_drop: float = 0.02, batch_size: int = 32, **sampling) -> None:
+        for name, value in (("target_acc_e", target_acc_e), ("max_acc_i_drop", max_acc_i_drop)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
+                raise ValueError(f"{name} must be a share in [0, 1], got {value!r}")
+        self.pipe, self.prompts, self.judge = pipe, prompts, judge
+        self.target_acc_e, self.max_acc_i_drop = float(target_acc_e), float(max_acc_i_drop)
+        self.batch_size, self.sampling = batch_size, sampling
+        self.base: ValidationResult | None = None
+
+    def _read(self, rows: list[tuple[str, str]], offset: int) -> list[bool]:
+        n = self.prompts.num_images_per_prompt
+        images = generate_images(self.pipe, [p for p, _ in rows], n, self.prompts.seed + offset, self.batch_size,
+                                 progress=False, **self.sampling)
+        return self.judge(images, [c for _, c in rows for _ in range(n)])
+
+    @torch.no_grad()
+    def measure(self, step: int) -> ValidationResult:
+        """acc_e / acc_i of the current model (no comparison with the base; see :meth:`__call__`)."""
+        transformer = self.pipe.transformer
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            seen_e = self._read(self.prompts.targets, 0)
+            seen_i = self._read(self.prompts.kept, 1) if self.prompts.kept else []
+        finally:
+            transformer.train(was_training)
+        per_concept: dict[str, list[bool]] = {}
+        n = self.prompts.num_images_per_prompt
+        for (_, concept), seen in zip([r for r in self.prompts.targets for _ in range(n)], seen_e):
+            per_concept.setdefault(concept, []).append(seen)
+        acc_e = sum(seen_e) / len(seen_e)
+        acc_i = sum(seen_i) / len(seen_i) if seen_i else None
+        return ValidationResult(step, acc_e, acc_i, None, False,
+                                {c: sum(v) / len(v) for c, v in per_concept.items()})
+
+    def baseline(self) -> ValidationResult:
+        """The base model's numbers (every adapter of the transformer disabled), kept for the drop."""
+        with adapters_disabled(self.pipe.transformer):
+            self.base = self.measure(0)
+        return self.base
+
+    def __call__(self, step: int) -> ValidationResult:
+        if self.base is None:
+            self.baseline()
+        result = self.measure(step)
+        if result.acc_i is not None and self.base.acc_i is not None:
+            result.acc_i_drop = self.base.acc_i - result.acc_i
+        result.met = result.acc_e <= self.target_acc_e and (result.acc_i_drop is None
+                                                             or result.acc_i_drop <= self.max_acc_i_drop)
+        return result
+
+    def report(self, best: ValidationResult | None) -> str:
+        """The plain sentence that ends a verified run."""
+        if best is None:
+            return "No validation ran, so whether the erasure reached its target is unknown."
+        drop = "" if best.acc_i_drop is None else f", the kept concepts dropped {100 * best.acc_i_drop:.1f} points " \
+                                                  f"(limit {100 * self.max_acc_i_drop:.1f})"
+        numbers = (f"at step {best.step} the erased concepts were still drawn in {100 * best.acc_e:.1f}% of "
+                   f"{len(self.prompts.targets) * self.prompts.num_images_per_prompt} validation images (target <= "
+                   f"{100 * self.target_acc_e:.1f}%, base {100 * self.base.acc_e:.1f}%){drop}")
+        if best.met:
+            return f"Target reached: {numbers}."
+        return f"Target NOT reached: the best checkpoint kept is the one where {numbers}."
+
+
+def better(a: ValidationResult, b: ValidationResult | None, max_acc_i_drop: float) -> bool:
+    """Whether ``a`` is a better checkpoint than ``b`` (see the module docstring)."""
+    if b is None:
+        return True
+    if a.met != b.met:
+        return a.met
+    if a.met:
+        return False  # both meet: the earlier one stays
+    a_ok = a.acc_i_drop is None or a.acc_i_drop <= max_acc_i_drop
+    b_ok = b.acc_i_drop is None or b.acc_i_drop <= max_acc_i_drop
+    if a_ok != b_ok:
+        return a_ok
+    if a_ok:
+        return a.acc_e < b.acc_e
+    return (a.acc_i_drop or 0.0) < (b.acc_i_drop or 0.0)
+
+
+__all__ = ["ValidationPrompts", "ValidationResult", "Validator", "better", "toy_validation_prompts"]

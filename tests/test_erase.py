@@ -1,0 +1,133 @@
+"""``var_erase.erase``: the closed loop (validate, keep the best, stop once met, say so) on a tiny pipeline."""
+
+import json
+
+import pytest
+import torch
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from var_erase import erase
+from var_erase.erasure.erase import judge_replacements, redact_secrets
+from var_erase.erasure.prompts import PromptPair
+from var_erase.erasure.validation import ValidationPrompts, ValidationResult, better
+from var_erase.hub import read_adapter_metadata
+
+from ._tiny import tiny_pipeline
+
+PAIRS = [PromptPair("a photo of a nude person", "a photo of a dressed person", "nudity"),
+         PromptPair("a nude figure on a beach", "a dressed figure on a beach", "nudity")]
+VALIDATION = ValidationPrompts(targets=[("a nude person in a garden", "nudity")] * 2,
+                               kept=[("a dog on grass", "dog"), ("a red car", "car")], source="test prompts")
+SVARE = {"max_train_steps": 8, "learning_rate": 1e-3}
+
+
+class ScheduledJudge:
+    """Reads the erased concept in the target images according to ``schedule`` (one entry per validation, the
+    base model's first), sees every kept concept, and records the adapter's weights at each validation."""
+
+    name = "scheduled"
+    settings = {"judge": "scheduled"}
+
+    def __init__(self, pipe, schedule):
+        self.pipe, self.schedule, self.calls, self.weights = pipe, list(schedule), 0, []
+
+    def __call__(self, images, concepts):
+        assert images.dtype == torch.uint8 and images.shape[-1] == 3 and len(images) == len(concepts)
+        if concepts[0] != "nudity":
+            return [True] * len(concepts)
+        seen = self.schedule[min(self.calls, len(self.schedule) - 1)]
+        self.calls += 1
+        if "default" in getattr(self.pipe.transformer, "peft_config", {}):
+            self.weights.append({k: v.clone() for k, v in get_peft_model_state_dict(self.pipe.transformer).items()})
+        return [i < seen * len(concepts) for i in range(len(concepts))]
+
+
+def _erase(tmp_path, pipe, judge, **kwargs):
+    return erase(pipe, "nudity", output_dir=tmp_path / "out", pairs=PAIRS, recipe="svare", config=SVARE,
+                 judge=judge, validation_prompts=VALIDATION, num_grid_images=0, progress=False, **kwargs)
+
+
+def test_run_stops_at_the_first_validation_that_meets_the_target(tmp_path):
+    pipe = tiny_pipeline()
+    judge = ScheduledJudge(pipe, [1.0, 1.0, 0.0])  # base, step 2: still drawn; step 4: gone
+    result = _erase(tmp_path, pipe, judge, validation_steps=2)
+    assert result.steps == 4 and result.reached is True
+    assert result.message.startswith("Target reached: at step 4")
+    assert [v["step"] for v in result.validations] == [0, 2, 4]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "model-index" in card and "acc_e" in card and "test prompts" in card
+    verified = read_adapter_metadata(tmp_path / "out").eval_results
+    assert verified["acc_e"] == 0.0 and verified["base_acc_e"] == 1.0 and verified["target_reached"] is True
+    assert verified["judge"] == {"judge": "scheduled"} and verified["acc_i_drop"] == 0.0
+
+
+def test_unreached_target_keeps_the_best_checkpoint_and_says_so(tmp_path):
+    pipe = tiny_pipeline()
+    judge = ScheduledJudge(pipe, [1.0, 1.0, 0.5, 1.0, 1.0])  # best at step 4 (half the images), never met
+    result = _erase(tmp_path, pipe, judge, validation_steps=2)
+    assert result.steps == 8 and result.reached is False
+    assert result.message.startswith("Target NOT reached") and "step 4" in result.message
+    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    best = judge.weights[2]  # recorded at the step-4 validation
+    assert any(not torch.equal(best[k], judge.weights[-1][k]) for k in best)  # training went on after it
+    for key, value in best.items():
+        match = [k for k in saved if k.endswith(key.removeprefix("transformer."))]
+        assert match and torch.equal(saved[match[0]], value), key
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert log["verified"]["step"] == 4 and log["message"] == result.message
+
+
+def test_secrets_are_never_written(tmp_path):
+    pipe = tiny_pipeline()
+    result = _erase(tmp_path, pipe, None, run_args={"hub_token": "hf_SECRET", "nested": {"api_key": "k1"}, "seed": 3},
+                    checkpointing_steps=4)
+    assert result.reached is None and "not verified" in result.message
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert b"hf_SECRET" not in path.read_bytes() and b"k1\"" not in path.read_bytes(), path
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert log["args"] == {"hub_token": "<redacted>", "nested": {"api_key": "<redacted>"}, "seed": 3}
+    redacted = redact_secrets({"token": None, "x": [{"password": "p"}]})
+    assert redacted == {"token": None, "x": [{"password": "<redacted>"}]}
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write to"):
+        erase(tiny_pipeline(), "nudity", output_dir=blocked / "out", pairs=PAIRS, judge=None)
+
+
+def test_validation_without_prompts_for_a_free_text_concept_names_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="validation_prompts"):
+        erase(tiny_pipeline(), "nudity", output_dir=tmp_path / "o", pairs=PAIRS, recipe="svare",
+              judge=lambda images, concepts: [False] * len(concepts))
+
+
+def test_better_prefers_met_then_lowest_acc_e_within_the_bound():
+    def result(step, acc_e, drop, met=False):
+        return ValidationResult(step, acc_e, 0.9, drop, met)
+
+    assert better(result(2, 0.5, 0.0), None, 0.02)
+    assert better(result(4, 0.0, 0.0, met=True), result(2, 0.1, 0.0), 0.02)
+    assert not better(result(6, 0.0, 0.0, met=True), result(4, 0.0, 0.0, met=True), 0.02)  # the first met stays
+    assert better(result(4, 0.2, 0.01), result(2, 0.3, 0.01), 0.02)
+    assert better(result(4, 0.9, 0.01), result(2, 0.1, 0.05), 0.02)  # within the acc_i bound beats outside it
+    with pytest.raises(ValueError, match="target prompt"):
+        ValidationPrompts(targets=[])
+
+
+def test_replacement_is_the_kept_value_the_judge_least_confuses_with_the_target():
+    """Images are generated value by value in the kind's order (circle first, the erased triangle left out); a judge
+    that reads the first block (circles) as triangles makes the circle a poor replacement."""
+    pipe = tiny_pipeline()
+    from var_erase.erasure.config import ErasureConfig
+
+    def judge(images, concepts):
+        if concepts[0] == "triangle" and len(set(concepts)) == 1:  # "is this a triangle?" for every image
+            return [i < 4 for i in range(len(concepts))]
+        return [True] * len(concepts)
+
+    chosen = judge_replacements(pipe, judge, ["triangle"], ErasureConfig(), prompts_per_value=4)
+    assert chosen == {"triangle": "square"}
