@@ -1,11 +1,14 @@
+import accelerate
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig
 
+from var_erase.loaders.lora import adapter_layers
 from var_erase.pipelines.pipeline_var import VARPipeline
 from var_erase.pipelines.sampling import guide_logits
 
-from ._tiny import TINY_SIZE, tiny_pipeline
+from ._tiny import LORA_TARGETS, TINY_SIZE, tiny_pipeline, tiny_transformer
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +388,156 @@ def test_attention_slicing_is_refused_with_what_to_use_instead(pipe):
     with pytest.raises(NotImplementedError, match="no xformers attention"):
         pipe.enable_xformers_memory_efficient_attention()
     pipe.disable_attention_slicing()  # nothing is sliced: nothing to undo
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-call LoRA scale
+
+def _with_random_lora(seed=0) -> VARPipeline:
+    pipe = tiny_pipeline()
+    torch.manual_seed(seed)  # init_lora_weights=False: random A and B, so the adapter changes every output
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=LORA_TARGETS),
+                                 adapter_name="erase")
+    return pipe
+
+
+def _scalings(pipe) -> list[dict]:
+    return [dict(layer.scaling) for layer in adapter_layers(pipe.transformer)]
+
+
+def test_attention_kwargs_scale_equals_set_adapters_and_fuse_lora():
+    """``attention_kwargs={"scale": s}`` for one call = ``set_adapters(weights=s)`` = ``fuse_lora(lora_scale=s)``:
+    the same bits, and logits within float rounding (the scale is multiplied in another order, or merged)."""
+    pipe = _with_random_lora()
+    args = dict(prompt="a red circle", guidance_scale=3.0, output_type="latent", return_trajectory=True)
+    before = _scalings(pipe)
+    per_call = pipe(generator=_gen(13), attention_kwargs={"scale": 0.5}, **args).trajectory
+    assert _scalings(pipe) == before  # restored exactly after the call
+    full = pipe(generator=_gen(13), **args).trajectory
+    assert not torch.allclose(per_call.cond_logits, full.cond_logits)
+
+    pipe.set_adapters(["erase"], [0.5])
+    weighted = pipe(generator=_gen(13), **args).trajectory
+    pipe.set_adapters(["erase"], [1.0])
+    pipe.fuse_lora(lora_scale=0.5)
+    fused = pipe(generator=_gen(13), **args).trajectory
+    pipe.unfuse_lora()
+    for other, atol in ((weighted, 1e-6), (fused, 1e-5)):
+        assert torch.equal(per_call.bits, other.bits)
+        torch.testing.assert_close(per_call.cond_logits, other.cond_logits, rtol=0, atol=atol)
+
+
+def test_attention_kwargs_scale_zero_is_the_base_model_and_one_changes_nothing():
+    pipe = _with_random_lora(1)
+    args = dict(prompt="a red circle", output_type="latent", return_trajectory=True)
+    zero = pipe(generator=_gen(14), attention_kwargs={"scale": 0.0}, **args).trajectory
+    one = pipe(generator=_gen(14), attention_kwargs={"scale": 1.0}, **args).trajectory
+    full = pipe(generator=_gen(14), **args).trajectory
+    pipe.disable_lora()
+    base = pipe(generator=_gen(14), **args).trajectory
+    torch.testing.assert_close(zero.cond_logits, base.cond_logits, rtol=0, atol=0)
+    torch.testing.assert_close(one.cond_logits, full.cond_logits, rtol=0, atol=0)
+    pipe.enable_lora()
+    again = pipe(generator=_gen(14), **args).trajectory  # scale 0 was undone exactly (unscale_lora_layers cannot)
+    torch.testing.assert_close(again.cond_logits, full.cond_logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# offloading: the hooks run on CPU too, so what they must place is checked here; the GPU tests below compare images
+
+def _offloaded_pipeline(mode: str, tmp_path) -> VARPipeline:
+    """The tiny pipeline with the transformer and the VAE under an offloading hook whose weights are unusable until
+    the hook places them: accelerate's sequential offload keeps them on the meta device, diffusers' group offloading
+    to disk leaves uninitialised memory in their place. (The text encoder is left out: it is transformers' T5, whose
+    tied embedding these CPU set-ups do not support, and the pipeline only calls its forward.)"""
+    pipe = tiny_pipeline()
+    for name in ("transformer", "vae"):
+        module = getattr(pipe, name)
+        if mode == "sequential":
+            accelerate.cpu_offload(module, torch.device("cpu"))
+        else:
+            module.enable_group_offload(torch.device("cpu"), torch.device("cpu"), offload_type=mode,
+                                        num_blocks_per_group=1, offload_to_disk_path=str(tmp_path / name))
+    return pipe
+
+
+@pytest.mark.parametrize("mode", ["sequential", "block_level", "leaf_level"])
+def test_offloading_hooks_place_every_weight_the_scale_loop_reads(pipe, mode, tmp_path):
+    offloaded = _offloaded_pipeline(mode, tmp_path)
+    if mode == "sequential":
+        assert offloaded.transformer.sos_embed.is_meta and offloaded.vae.decoder.conv_in.weight.is_meta
+    expected = pipe(["a red circle", "a blue square"], guidance_scale=3.0, generator=_gen(15), output_type="np").images
+    for _ in range(2):
+        images = offloaded(["a red circle", "a blue square"], guidance_scale=3.0, generator=_gen(15),
+                           output_type="np").images
+        np.testing.assert_array_equal(images, expected)
+
+
+def test_transformer_entry_points_go_through_forward_only_under_a_hook(pipe):
+    """prepare_condition / unconditional_states / forward_scale run inside forward when a hook wraps it (so the
+    hook sees them) and directly otherwise; both give the same values."""
+    calls = []
+
+    class Recorder(accelerate.hooks.ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(kwargs["_entry_point"][0] if kwargs.get("_entry_point") else "forward")
+            return args, kwargs
+
+    tf = tiny_transformer()
+    states, mask = pipe.encode_prompt("a red circle")
+    schedule = pipe.prepare_schedule(64, 64)
+    direct = tf.forward_scale(None, 0, schedule, tf.prepare_condition(states, mask), tf.new_kv_cache())
+    accelerate.hooks.add_hook_to_module(tf, Recorder())
+    condition = tf.prepare_condition(states, mask)
+    hooked = tf.forward_scale(None, 0, schedule, condition, tf.new_kv_cache())
+    tf.unconditional_states(1, 4)
+    assert calls == ["_prepare_condition", "_forward_scale", "_unconditional_states"]
+    torch.testing.assert_close(hooked, direct, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="_entry_point must name one of"):
+        tf(None, _entry_point=("save_pretrained", (), {}))
+
+
+def test_model_cpu_offload_runs_and_frees_the_hooks(pipe):
+    offloaded = tiny_pipeline()
+    offloaded.enable_model_cpu_offload(device="cpu")
+    expected = pipe("a red circle", generator=_gen(16), output_type="np").images
+    for _ in range(2):
+        np.testing.assert_array_equal(offloaded("a red circle", generator=_gen(16), output_type="np").images, expected)
+
+
+_OFFLOAD_MODES = ["model", "sequential", "group_block", "group_leaf", "group_block_pipeline"]
+
+
+def _offload(pipe: VARPipeline, mode: str, device: torch.device) -> None:
+    if mode == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif mode == "group_block_pipeline":
+        pipe.enable_group_offload(device, offload_type="block_level", num_blocks_per_group=1)
+    else:  # per component, as diffusers' tests apply it
+        for name in ("transformer", "vae"):
+            getattr(pipe, name).enable_group_offload(device, offload_type=mode.removeprefix("group_") + "_level",
+                                                     num_blocks_per_group=1)
+        pipe.text_encoder.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", ["none", "loaded", "deleted"])
+@pytest.mark.parametrize("mode", _OFFLOAD_MODES)
+def test_offloaded_gpu_pipeline_gives_the_plain_gpu_images_twice(mode, lora, tmp_path):
+    device = torch.device("cuda")
+    plain, offloaded = tiny_pipeline(), tiny_pipeline()
+    if lora != "none":
+        for p in (plain, offloaded):
+            torch.manual_seed(3)
+            p.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                 target_modules=LORA_TARGETS), adapter_name="erase")
+            if lora == "deleted":
+                p.delete_adapters("erase")
+    plain.to(device)
+    _offload(offloaded, mode, device)
+    args = dict(prompt=["a red circle", "a blue square"], guidance_scale=3.0, output_type="np")
+    expected = plain(generator=_gen(17), **args).images
+    for _ in range(2):
+        np.testing.assert_array_equal(offloaded(generator=_gen(17), **args).images, expected)
