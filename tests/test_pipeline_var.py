@@ -541,3 +541,8 @@ def test_offloaded_gpu_pipeline_gives_the_plain_gpu_images_twice(mode, lora, tmp
     expected = plain(generator=_gen(17), **args).images
     for _ in range(2):
         np.testing.assert_array_equal(offloaded(generator=_gen(17), **args).images, expected)
+
+
+def test_encode_prompt_without_prompt_or_embeds_names_the_fix(pipe):
+    with pytest.raises(ValueError, match="needs a prompt .* or prompt_embeds"):
+        pipe.encode_prompt(None)

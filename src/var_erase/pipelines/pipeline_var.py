@@ -283,6 +283,8 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
         device = device or self._execution_device
         limit = self._text_limit(max_sequence_length)
         if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("encode_prompt needs a prompt (a string or a list of strings) or prompt_embeds")
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             prompt_embeds, prompt_attention_mask = self._encode_text(prompts, device, limit)
         prompt_embeds, prompt_attention_mask = self._prepare_embeds(prompt_embeds, prompt_attention_mask, device,
