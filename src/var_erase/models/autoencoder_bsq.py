@@ -14,6 +14,7 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..schedules import ScaleSchedule
 from .quantizer import MultiScaleBSQ
@@ -30,7 +31,12 @@ class BSQAutoencoder(ModelMixin, ConfigMixin):
         norm_num_groups: GroupNorm groups (eps 1e-6, as Infinity).
         codebook_dim: latent channels = bits per token ``d``.
         down_mode / up_mode: the quantizer's resize modes (see :class:`MultiScaleBSQ`).
+
+    ``encode`` and ``decode`` trigger ``enable_model_cpu_offload``'s hook as ``forward`` does (diffusers'
+    ``apply_forward_hook``), and block-level group offloading groups the blocks inside ``encoder`` and ``decoder``.
     """
+
+    _group_offload_block_modules = ["encoder", "decoder"]
 
     @register_to_config
     def __init__(
@@ -78,12 +84,14 @@ class BSQAutoencoder(ModelMixin, ConfigMixin):
         """Pixels per latent cell: ``2 ** (len(block_out_channels) - 1)``."""
         return 2 ** (len(self.config.block_out_channels) - 1)
 
+    @apply_forward_hook
     def encode(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         """Images in ``[-1, 1]``, ``(B, C, H, W)`` with ``H, W`` multiples of :attr:`vae_stride`, to the unquantized
         latent ``f_BdHW`` ``(B, codebook_dim, H / stride, W / stride)``."""
         self._check_images(images_B3HW)
         return self.encoder(images_B3HW.to(self.dtype))
 
+    @apply_forward_hook
     def decode(self, f_hat_BdHW: torch.Tensor) -> torch.Tensor:
         """A (quantized) latent ``(B, codebook_dim, h, w)`` to images in ``[-1, 1]`` (clamped, as Infinity's
         ``AutoEncoder.decode``), ``(B, out_channels, h * stride, w * stride)``."""

@@ -197,6 +197,18 @@ class VARTransformerBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# entry points other than forward, under offloading hooks
+
+_ROUTED_METHODS = frozenset({"_unconditional_states", "_prepare_condition", "_forward_scale"})
+
+
+def _has_forward_hook(module: nn.Module) -> bool:
+    """Whether a hook wraps ``module.forward``: accelerate's ``_hf_hook`` (``enable_model_cpu_offload``,
+    ``enable_sequential_cpu_offload``) or diffusers' hook registry (``enable_group_offload``)."""
+    return hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # the model
 
 
@@ -340,6 +352,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Infinity's CFG branch uses as many unconditional tokens as the positive prompt has; pass the positive
         prompt's mask with these states.
         """
+        return self._run_entry_point("_unconditional_states", batch_size, seq_len)
+
+    def _unconditional_states(self, batch_size: int, seq_len: int) -> torch.Tensor:
         if not 1 <= seq_len <= self.config.max_text_len:
             raise ValueError(
                 f"seq_len={seq_len} unconditional tokens requested, but the model has max_text_len="
@@ -363,10 +378,14 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             drop_B: (B,) bool; where True the sample's text is replaced by the unconditional embedding (training-time
                 condition dropout; :meth:`forward` draws it from ``cond_drop_prob``).
         """
-        states_BTC, mask_BT = self._check_text(encoder_hidden_states_BTC, encoder_attention_mask_BT)
+        return self._run_entry_point("_prepare_condition", encoder_hidden_states_BTC, encoder_attention_mask_BT, drop_B)
+
+    def _prepare_condition(self, states_BTC: torch.Tensor, mask_BT: torch.Tensor | None,
+                           drop_B: torch.Tensor | None) -> TextCondition:
+        states_BTC, mask_BT = self._check_text(states_BTC, mask_BT)
         dtype = self.text_norm.weight.dtype
         if drop_B is not None:
-            uncond_BTC = self.unconditional_states(states_BTC.shape[0], states_BTC.shape[1])
+            uncond_BTC = self._unconditional_states(states_BTC.shape[0], states_BTC.shape[1])
             states_BTC = torch.where(drop_B.view(-1, 1, 1), uncond_BTC.to(states_BTC), states_BTC)
         mask_B11T = mask_BT[:, None, None, :]
         with torch.autocast(device_type=states_BTC.device.type, enabled=False):
@@ -418,7 +437,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if cond_drop_mask.dtype != torch.bool or tuple(cond_drop_mask.shape) != (states_BTC.shape[0],):
                 raise ValueError(f"cond_drop_mask must be a bool tensor of shape ({states_BTC.shape[0]},) (one flag "
                                  f"per sample), got {cond_drop_mask.dtype} {tuple(cond_drop_mask.shape)}")
-            return self.prepare_condition(states_BTC, mask_BT, cond_drop_mask.to(states_BTC.device))
+            return self._prepare_condition(states_BTC, mask_BT, cond_drop_mask.to(states_BTC.device))
         if cond_drop_prob is None:
             cond_drop_prob = self.config.cond_drop_rate if self.training else 0.0
         if not 0.0 <= cond_drop_prob <= 1.0:
@@ -426,7 +445,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         drop_B = None
         if cond_drop_prob > 0:
             drop_B = torch.rand(states_BTC.shape[0], device=states_BTC.device) < cond_drop_prob
-        return self.prepare_condition(states_BTC, mask_BT, drop_B)
+        return self._prepare_condition(states_BTC, mask_BT, drop_B)
 
     # -----------------------------------------------------------------------------------------------------------------
     # teacher forcing over all scales
@@ -441,6 +460,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         cond_drop_prob: float | None = None,
         return_dict: bool = True,
         cond_drop_mask: torch.Tensor | None = None,
+        _entry_point: tuple[str, tuple, dict] | None = None,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         """Logits of every scale in one pass (teacher forcing), with the block-causal mask over scales
         (``schedule.block_causal_mask()``, applied as per-scale attention over the visible prefix).
@@ -456,10 +476,18 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return_dict: return a ``Transformer2DModelOutput`` (else a tuple).
             cond_drop_mask: (B,) bool, the samples whose text is replaced by the unconditional embedding, chosen by
                 the caller (e.g. reproducibly per sample); overrides ``cond_drop_prob``.
+            _entry_point: internal: ``(method, args, kwargs)`` of :meth:`prepare_condition`,
+                :meth:`unconditional_states` or :meth:`forward_scale` routed through ``forward`` under an offloading
+                hook (see :meth:`_run_entry_point`); that method's result is returned.
 
         Returns:
             ``sample``: (B, L, 2d) float32 logits; ``sample.view(B, L, d, 2)[..., 1]`` is the logit of bit 1.
         """
+        if _entry_point is not None:
+            name, args, kwargs = _entry_point
+            if name not in _ROUTED_METHODS:
+                raise ValueError(f"_entry_point must name one of {sorted(_ROUTED_METHODS)}, got {name!r}")
+            return getattr(self, name)(*args, **kwargs)
         schedule = self._check_schedule(schedule)
         condition = self._resolve_condition(encoder_hidden_states, encoder_attention_mask, condition, cond_drop_prob,
                                             cond_drop_mask)
@@ -518,6 +546,10 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Returns:
             (B, h_k * w_k, 2d) float32 logits.
         """
+        return self._run_entry_point("_forward_scale", token_inputs_Bld, scale_index, schedule, condition, kv_cache)
+
+    def _forward_scale(self, token_inputs_Bld: torch.Tensor | None, scale_index: int, schedule: ScaleSchedule,
+                       condition: TextCondition, kv_cache: KVCache) -> torch.Tensor:
         self._check_schedule(schedule)
         self._check_scale_step(scale_index, schedule, condition, kv_cache)
         kv_cache.reserve(schedule.total_tokens)  # preallocate instead of concatenating at every scale
@@ -531,7 +563,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             h, w = schedule.grids[scale_index]
             self._check_token_inputs(token_inputs_Bld, condition.batch_size, h * w, f"scale {scale_index} ({h}x{w})")
             x_BlC = self._embed_tokens(token_inputs_Bld)
-        x_BlC = x_BlC + self.scale_embed.weight[scale_index].float()
+        start = schedule.offsets[scale_index]  # the embedding module is called (not its weight read): offloading
+        x_BlC = x_BlC + self.scale_embed(self._scale_ids(schedule, x_BlC.device)[start:start + 1]).float()
         if self.pos_embed is not None:
             x_BlC = x_BlC + self._abs_positions(schedule.grids[scale_index])
 
@@ -542,6 +575,20 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             x_BlC = block(x_BlC, condition.adaln_B16C, context_BTC, context_mask_B11T, rope_cos_LP[rows],
                           rope_sin_LP[rows], kv_cache=kv_cache, layer_idx=layer_idx)
         return self._head(x_BlC, condition.cond_BD)
+
+    def _run_entry_point(self, impl: str, *args, **kwargs):
+        """Run the private method ``impl`` of a public entry point other than ``forward``.
+
+        Offloading hooks act when ``forward`` is called: they place what the call reads on the execution device (the
+        whole model under ``enable_model_cpu_offload``; this module's own tensors, ``sos_embed``,
+        ``uncond_text_embeds``, ``pos_embed``, and the modules outside the blocks under sequential and group
+        offloading) and offload it afterwards. The pipeline calls :meth:`prepare_condition`,
+        :meth:`unconditional_states` and :meth:`forward_scale` instead, so under a hook the call is routed through
+        ``self(...)``, which runs ``impl`` inside ``forward``. Without a hook ``impl`` runs directly.
+        """
+        if not _has_forward_hook(self):
+            return getattr(self, impl)(*args, **kwargs)
+        return self(None, _entry_point=(impl, args, kwargs))
 
     # -----------------------------------------------------------------------------------------------------------------
     # pieces shared by both paths
