@@ -57,6 +57,8 @@ __all__ = [
     "check_adapter_compatibility",
     "compute_fingerprint",
     "default_template_path",
+    "architecture_mismatch",
+    "model_architecture",
     "model_fingerprint",
     "push_adapter_to_hub",
     "read_adapter_metadata",
@@ -179,6 +181,30 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     return compute_fingerprint(module).digest
 
 
+ARCHITECTURE_KEYS = ("num_layers", "depth", "hidden_size", "dim", "embed_dim", "num_attention_heads", "num_heads",
+                     "mlp_ratio", "intermediate_size", "codebook_dim", "text_dim", "in_channels", "out_channels")
+"""Config entries that fix the shapes of a transformer's weights (what an adapter's tensors must fit)."""
+
+
+def model_architecture(module: torch.nn.Module) -> dict[str, Any]:
+    """The class and shape settings of ``module``'s config, e.g. ``{"class": "VARTransformer2DModel",
+    "num_layers": 32, "hidden_size": 2048, ...}``: what an adapter trained on it needs of another model."""
+    module = _unwrap(module)
+    config = _config_dict(module)
+    return {"class": type(module).__name__, **{k: config[k] for k in ARCHITECTURE_KEYS if k in config}}
+
+
+def architecture_mismatch(recorded: Mapping[str, Any] | None, module: torch.nn.Module) -> str | None:
+    """How ``module`` differs from the ``recorded`` architecture (``"num_layers 8 != 6, ..."``), or None if it does
+    not (settings recorded on one side only are not compared: older or newer metadata)."""
+    if not recorded:
+        return None
+    current = model_architecture(module)
+    diffs = [f"{key} {recorded[key]!r} != {current[key]!r}" for key in recorded
+             if key in current and recorded[key] != current[key]]
+    return ", ".join(diffs) or None
+
+
 def pipeline_fingerprint(pipe) -> str:
     """The identity of what a pipeline samples with: the fingerprints of its transformer, VAE and text encoder, e.g.
     the key of cached anchors, which stays valid wherever the same weights are installed (a path would not)."""
@@ -269,6 +295,8 @@ class AdapterMetadata:
         hyperparameters: the settings of the run (learning rate, steps, thresholds, seed, ...), JSON-serialisable.
         lora_rank, lora_alpha, lora_target_modules: the LoRA shape (alpha matters: the effective scale is alpha/rank).
         base_model_fingerprint, base_model_probes: from :func:`compute_fingerprint` of the base transformer.
+        base_model_architecture: the base transformer's class and shape settings (:func:`model_architecture`);
+            None in adapters written before it was recorded.
         eval_results: the evaluation JSON (``acc_e``, ``acc_i``, ``n_images``, settings), or None.
         var_erase_version: the version that wrote it.
     """
@@ -284,6 +312,7 @@ class AdapterMetadata:
     base_model_probes: dict[str, list[float]] | None = None
     eval_results: dict[str, Any] | None = None
     var_erase_version: str = field(default_factory=_var_erase_version)
+    base_model_architecture: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.concepts, str):
@@ -325,6 +354,7 @@ class AdapterMetadata:
             base_model_fingerprint=fingerprint.digest,
             base_model_probes={name: list(values) for name, values in fingerprint.probes.items()},
             eval_results=dict(eval_results) if eval_results is not None else None,
+            base_model_architecture=model_architecture(transformer),
         )
 
     def to_json(self) -> str:
