@@ -140,10 +140,11 @@ class VARLoraLoaderMixin(LoraBaseMixin):
                 f"not a LoRA checkpoint: {len(bad)} of {len(state_dict)} tensors have no 'lora' in their name "
                 f"(e.g. {bad[:3]}). Pass the folder or file written by `save_lora_weights` / train_svare.py."
             )
-        label = "the state dict" if isinstance(source, dict) else repr(os.fspath(source))
+        name = None if isinstance(source, dict) else os.fspath(source)
+        label = "the state dict" if name is None else repr(name)
         _check_keys_match_modules(state_dict, self.transformer, self.transformer_name, label)
-        adapter = AdapterMetadata.from_safetensors_metadata(file_metadata, source=label)
-        _check_base_model(adapter, self.transformer, label, ignore_mismatched_base)
+        adapter = AdapterMetadata.from_safetensors_metadata(file_metadata, source=name or label)
+        _check_base_model(adapter, self.transformer, name, ignore_mismatched_base)
         self.transformer.load_lora_adapter(
             state_dict,
             network_alphas=None,
@@ -246,12 +247,13 @@ def _check_keys_match_modules(state_dict: dict, transformer: torch.nn.Module, pr
     )
 
 
-def _check_base_model(adapter: AdapterMetadata | None, transformer: torch.nn.Module, label: str,
+def _check_base_model(adapter: AdapterMetadata | None, transformer: torch.nn.Module, name: str | None,
                       ignore_mismatched_base: bool) -> None:
     """Refuse an adapter recorded for another architecture (unless ``ignore_mismatched_base``); warn when it was
-    trained on other weights."""
+    trained on other weights. ``name``: the adapter's path or repo id (None for a state dict)."""
     if adapter is None:
         return
+    label = repr(name) if name else "(a state dict)"
     diff = architecture_mismatch(adapter.base_model_architecture, transformer)
     if diff is not None:
         message = (
@@ -264,7 +266,7 @@ def _check_base_model(adapter: AdapterMetadata | None, transformer: torch.nn.Mod
             raise ValueError(message)
         warnings.warn(message, AdapterMismatchWarning, stacklevel=3)
         return
-    check_adapter_compatibility(adapter, transformer, adapter=label)  # other weights: AdapterMismatchWarning
+    check_adapter_compatibility(adapter, transformer, adapter=name)  # other weights: AdapterMismatchWarning
 
 
 def _describe(architecture: dict | None, transformer: torch.nn.Module | None = None) -> str:
