@@ -27,18 +27,29 @@ from var_erase.toy.concepts import get_concept
 from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of prompts, images or a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
     p.add_argument("--lora", action="append", default=[], help="adapter folder, file or Hub repo id (repeatable)")
     p.add_argument("--target_concept", action="append", required=True, help="erased concept(s)")
     p.add_argument("--prompts_file", default=None, help="CSV with header prompt,concept")
-    p.add_argument("--prompts_per_concept", type=int, default=8)
-    p.add_argument("--num_images_per_prompt", type=int, default=1)
+    p.add_argument("--prompts_per_concept", type=positive_int, default=8)
+    p.add_argument("--num_images_per_prompt", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=positive_int, default=32)
     p.add_argument("--oracle_path", default=str(ORACLE_PATH))
     p.add_argument("--output_json", default="outputs/eval.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -247,6 +247,31 @@ def test_vae_checkpoint_converts_and_loads_strictly(wrapped):
     assert plain.keys() == converted.keys()
 
 
+def test_vae_state_dict_saved_from_infinitys_autoencoder_with_its_quantize_alias_converts():
+    """Infinity's AutoEncoder sets ``self.quantize = self.quantizer``: its state dict lists the quantizer twice."""
+
+    class Aliasing(torch.nn.Module):  # the same registration as Infinity's AutoEncoder
+        def __init__(self, mask):
+            super().__init__()
+            self.quantizer = torch.nn.Module()
+            self.quantizer.lfq = torch.nn.Module()
+            self.quantizer.lfq.register_buffer("mask", mask)
+            self.quantize = self.quantizer
+
+    checkpoint = official_vae_checkpoint()
+    aliased = Aliasing(checkpoint["vae"]["quantizer.lfq.mask"]).state_dict()
+    assert set(aliased) == {"quantizer.lfq.mask", "quantize.lfq.mask"}
+    converted = convert_infinity_vae({**checkpoint["vae"], **aliased}, VAE_CONFIG)
+    assert converted.keys() == convert_infinity_vae(checkpoint, VAE_CONFIG).keys()
+    BSQAutoencoder(**VAE_CONFIG).load_state_dict(converted, strict=True)
+    different = {**checkpoint["vae"], "quantize.lfq.mask": torch.zeros(D_BITS, dtype=torch.long)}
+    with pytest.raises(ValueError, match=r"1 'quantize\.\*' entries that are not copies .*quantize\.lfq\.mask"):
+        convert_infinity_vae(different, VAE_CONFIG)
+    del checkpoint["vae"]["quantizer.lfq.mask"]  # an alias without its twin is not a copy either
+    with pytest.raises(ValueError, match="not copies"):
+        convert_infinity_vae({**checkpoint["vae"], "quantize.lfq.mask": aliased["quantize.lfq.mask"]}, VAE_CONFIG)
+
+
 def test_vae_conversion_errors():
     checkpoint = official_vae_checkpoint()
     checkpoint["vae"]["encoder.mid.attn_1.q.conv.weight"] = torch.zeros(64, 64, 1, 1)

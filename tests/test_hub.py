@@ -23,11 +23,12 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
 from peft import LoraConfig
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import var_erase
 from var_erase.hub import (
     ADAPTER_METADATA_KEY,
+    FULL_FINETUNE_WEIGHT_NAME,
     LORA_WEIGHT_NAME,
     TOY_BASE_MODEL,
     AdapterMetadata,
@@ -38,12 +39,14 @@ from var_erase.hub import (
     pipeline_fingerprint,
     push_adapter_to_hub,
     read_adapter_metadata,
+    redact_secrets,
     render_model_card,
     save_model_card,
     write_adapter_metadata,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hf_" + "Zq7" * 12  # shaped like a Hub access token
 
 
 class TinyTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -254,6 +257,64 @@ def test_custom_template_and_the_model_cards_folder(tmp_path):
     assert linked.read_text() == default_template_path().read_text()
 
 
+def test_card_shows_the_effective_learning_rate_not_none():
+    lora = render_model_card(_metadata(hyperparameters={"learning_rate": None}), "org/x").text
+    assert "| `learning_rate` | `0.0001` |" in lora and "None" not in lora
+    full = _metadata(hyperparameters={"learning_rate": None, "train_modules": ["attn2", "ff"]}, lora_config=None)
+    assert "| `learning_rate` | `2.344e-05` |" in render_model_card(full, "org/x").text
+    explicit = render_model_card(_metadata(hyperparameters={"learning_rate": 3e-4}), "org/x").text
+    assert "| `learning_rate` | `0.0003` |" in explicit
+
+
+def test_card_without_a_repo_id_loads_the_local_folder(tmp_path):
+    folder = tmp_path / "var-erased-red"
+    card = render_model_card(_metadata(), folder=folder)
+    assert f"pipe.load_lora_weights({json.dumps(str(folder))}" in card.text
+    assert 'load_lora_weights("var-erased-red"' not in card.text
+    assert "is the folder this card was written to" in card.text and "HF_HUB_OFFLINE" not in card.text
+    assert "# var-erased-red: church erased" in card.text
+    hub = render_model_card(_metadata(), "org/var-erased-red", folder=folder)  # a repo id wins over the folder
+    assert 'pipe.load_lora_weights("org/var-erased-red"' in hub.text and str(folder) not in hub.text
+    with pytest.raises(ValueError, match=r"needs repo_id .* or, for an adapter that stays local, folder="):
+        render_model_card(_metadata())
+
+
+# -- secrets ---------------------------------------------------------------------------------------------------------
+def test_redact_secrets_replaces_every_secret_in_a_deep_copy():
+    args = {"hub_token": SECRET, "HF_TOKEN": "x", "hubToken": "y", "token": None, "output_dir": "out",
+            "nested": {"client_secret": "s", "db-password": 1234, "OPENAI_API_KEY": "k",
+                       "list": [{"access_token": "t"}, "plain", ("tuple", {"apiKey": "z"})]},
+            "token_threshold": 0.25, "max_text_tokens": 512, "tokenizer_path": "t5/", "use_token": True,
+            "argv": f"train_svare.py --hub_token {SECRET} --seed 0"}
+    original = json.dumps(args, sort_keys=True)
+    clean = redact_secrets(args)
+    assert json.dumps(args, sort_keys=True) == original  # the input is untouched
+    assert clean["hub_token"] == clean["HF_TOKEN"] == clean["hubToken"] == "<redacted>"
+    assert clean["token"] is None  # "no token" is worth knowing and reveals nothing
+    assert clean["nested"]["client_secret"] == clean["nested"]["db-password"] == "<redacted>"
+    assert clean["nested"]["OPENAI_API_KEY"] == "<redacted>"
+    assert clean["nested"]["list"] == [{"access_token": "<redacted>"}, "plain", ("tuple", {"apiKey": "<redacted>"})]
+    # settings that merely mention tokens stay: numbers, flags, the tokenizer's path
+    assert (clean["token_threshold"], clean["max_text_tokens"], clean["use_token"]) == (0.25, 512, True)
+    assert clean["tokenizer_path"] == "t5/" and clean["output_dir"] == "out"
+    assert clean["argv"] == "train_svare.py --hub_token <redacted> --seed 0"
+    assert SECRET not in json.dumps(clean)
+
+
+def test_metadata_and_card_never_hold_a_token(tmp_path):
+    hyperparameters = {"learning_rate": 1e-4, "hub_token": SECRET, "token_threshold": 0.25,
+                       "extra": {"wandb_api_key": SECRET}}
+    metadata = _metadata(hyperparameters=hyperparameters, eval_results={"acc_e": 0.1, "settings": {"token": SECRET}})
+    assert metadata.hyperparameters["hub_token"] == "<redacted>" and hyperparameters["hub_token"] == SECRET
+    metadata.hyperparameters["hf_token"] = SECRET  # set after construction: to_json redacts it too
+    folder = _adapter_folder(tmp_path / "adapter", metadata)
+    header = (folder / LORA_WEIGHT_NAME).read_bytes()[:20000]
+    card = (folder / "README.md").read_text()
+    assert SECRET.encode() not in header and SECRET not in card
+    assert "| `hub_token` | `<redacted>` |" in card and "| `token_threshold` | `0.25` |" in card
+    assert read_adapter_metadata(folder).hyperparameters["hf_token"] == "<redacted>"
+
+
 # -- the fake Hub: push, download, load ------------------------------------------------------------------------------
 def test_push_then_download_byte_identical(tmp_path, hub_server, hub_repo_id):
     """The real client uploads the folder and downloads it back unchanged, into the real cache layout.
@@ -298,6 +359,57 @@ def test_pushing_again_updates_only_what_changed(tmp_path, hub_server, hub_repo_
     assert read_adapter_metadata(hub_repo_id).eval_results == {"acc_e": 0.01}
     old = first.rsplit("/", 1)[1]
     assert read_adapter_metadata(hub_repo_id, revision=old).eval_results is None
+
+
+def _leftovers(folder: Path) -> None:
+    """What train_svare.py leaves next to an adapter besides the checkpoints: the log, the anchor cache, eval files."""
+    (folder / "training_log.json").write_text(json.dumps({"args": {"seed": 0}}))
+    (folder / "anchors").mkdir()
+    (folder / "anchors" / "anchors.safetensors").write_bytes(b"a" * 1000)
+    (folder / "anchors" / "training_log.json").write_text("{}")
+    (folder / "eval.json").write_text("{}")
+    (folder / "notes.txt").write_text("private notes")
+
+
+def test_push_uploads_the_adapter_card_and_its_images_and_more_only_on_request(tmp_path, hub_server, hub_repo_id):
+    folder = _adapter_folder(tmp_path / "adapter", _metadata())
+    _leftovers(folder)
+    push_adapter_to_hub(folder, hub_repo_id)
+    assert set(hub_server.files(hub_repo_id)) == {".gitattributes", "README.md", LORA_WEIGHT_NAME, "grid.png"}
+    push_adapter_to_hub(folder, hub_repo_id, include=["training_log.json", "*.json", "anchors/*", "checkpoint-*/*"])
+    assert set(hub_server.files(hub_repo_id)) == {".gitattributes", "README.md", LORA_WEIGHT_NAME, "grid.png",
+                                                  "training_log.json", "eval.json"}  # never anchors/, checkpoints
+
+
+def test_push_a_full_finetune(tmp_path, hub_server, hub_repo_id):
+    """A ``train_modules`` run writes ``finetuned_modules.safetensors``: it is pushed, and its card loads it."""
+    model = _tiny()
+    metadata = _metadata(transformer=model, lora_config=None,
+                         hyperparameters={"learning_rate": None, "train_modules": ["to_k"]})
+    folder = tmp_path / "full"
+    tensors = {n: p.detach() + 0.5 for n, p in model.named_parameters() if ".to_k." in n}
+    folder.mkdir()
+    save_file(tensors, folder / FULL_FINETUNE_WEIGHT_NAME, metadata=metadata.to_safetensors_metadata())
+    save_model_card(render_model_card(metadata, hub_repo_id), folder)
+    _leftovers(folder)
+    push_adapter_to_hub(folder, hub_repo_id)
+    assert set(hub_server.files(hub_repo_id)) == {".gitattributes", "README.md", FULL_FINETUNE_WEIGHT_NAME}
+    card = ModelCard.load(hub_repo_id).text
+    assert f'hf_hub_download("{hub_repo_id}", "{FULL_FINETUNE_WEIGHT_NAME}")), strict=False)' in card
+    assert "load_lora_weights" not in card and "set_adapters" not in card
+    assert read_adapter_metadata(hub_repo_id, weight_name=FULL_FINETUNE_WEIGHT_NAME) == metadata
+    fresh = _tiny()
+    fresh.load_state_dict(load_file(hf_hub_download(hub_repo_id, FULL_FINETUNE_WEIGHT_NAME)), strict=False)
+    assert all(torch.equal(fresh.get_parameter(n), t) for n, t in tensors.items())
+
+
+def test_push_refuses_a_folder_whose_files_hold_the_token(tmp_path, hub_server, hub_repo_id):
+    folder = _adapter_folder(tmp_path / "adapter", _metadata())
+    (folder / "training_log.json").write_text(json.dumps({"args": {"hub_token": SECRET}}))
+    push_adapter_to_hub(folder, hub_repo_id, token=SECRET)  # the log is not uploaded: nothing leaks
+    with pytest.raises(ValueError, match="training_log.json contains the Hub token this upload uses"):
+        push_adapter_to_hub(folder, hub_repo_id, token=SECRET, include=["training_log.json"])
+    assert "training_log.json" not in hub_server.files(hub_repo_id)
 
 
 def test_push_refuses_incomplete_folders(tmp_path, hub_server):

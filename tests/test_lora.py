@@ -1,13 +1,19 @@
 """The pipeline-level LoRA API: train with PEFT, save, load, combine, fuse, unload."""
 
+import warnings
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import ByT5Tokenizer
 
+from var_erase.hub import AdapterMetadata, AdapterMismatchWarning
 from var_erase.pipelines.pipeline_var import VARPipeline
 
-from ._tiny import LORA_TARGETS, tiny_pipeline
+from ._tiny import LORA_TARGETS, tiny_pipeline, tiny_text_encoder, tiny_transformer, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +159,81 @@ def test_corrupt_or_wrong_adapter_files_give_clear_errors(base, tmp_path):
         pipe.load_lora_weights(tmp_path / "does-not-exist")
     with pytest.raises(ValueError, match="safetensors"):
         pipe.load_lora_weights(bad, weight_name="pytorch_lora_weights.bin")
+
+
+# -- foreign adapters: another model's LoRA, another architecture, other weights --------------------------------------
+def _pipeline(num_layers: int = 2, seed: int = 0) -> VARPipeline:
+    pipe = VARPipeline(tokenizer=ByT5Tokenizer(), text_encoder=tiny_text_encoder(seed),
+                       transformer=tiny_transformer(seed, num_layers=num_layers), vae=tiny_vae(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _erasure_adapter(path, num_layers: int, seed: int = 0, architecture: bool = True):
+    """An erasure adapter as train_svare.py saves it (var-erase metadata in the header) for a tiny base model."""
+    pipe = _pipeline(num_layers, seed)
+    metadata = AdapterMetadata.from_training(f"org/tiny-{num_layers}-{seed}", pipe.transformer, ["circle"], "svare")
+    if not architecture:  # as written before the architecture was recorded
+        metadata = replace(metadata, base_model_architecture=None)
+    _train_adapter(pipe, "erase", seed=1, steps=1)
+    tf = pipe.transformer
+    VARPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(tf, adapter_name="erase"),
+                                  transformer_lora_adapter_metadata=tf.peft_config["erase"].to_dict(),
+                                  extra_metadata=metadata.to_safetensors_metadata())
+    return path
+
+
+@pytest.mark.parametrize("keys, kind", [
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+      "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"], "a diffusion UNet LoRA"),
+    (["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+      "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"], "a diffusion UNet LoRA"),
+    (["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"], "a text-encoder LoRA"),
+    (["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight",
+      "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight"], "a LoRA of a diffusion transformer"),
+    (["transformer.nothing_like_this.lora_A.weight"], "a LoRA of another model"),
+])
+def test_a_lora_whose_keys_match_no_module_is_an_error_naming_what_it_is(base, tmp_path, keys, kind):
+    pipe = _fresh(base)
+    state_dict = {key: torch.zeros(4, 4) for key in keys}
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    save_file(state_dict, folder / "pytorch_lora_weights.safetensors")
+    for source in (state_dict, folder):
+        with pytest.raises(ValueError, match=f"matches no module of this pipeline's VARTransformer2DModel: it "
+                                             f"looks like {kind}") as error:
+            pipe.load_lora_weights(source)
+        assert "var-erase loads LoRA adapters of its VAR transformer, with keys such as " \
+               "'transformer.transformer_blocks.0.attn2.to_q.lora_A.weight'" in str(error.value)
+    assert not hasattr(pipe.transformer, "peft_config") or not pipe.transformer.peft_config
+
+
+def test_an_adapter_for_another_architecture_is_refused_unless_overridden(tmp_path):
+    deep = _erasure_adapter(tmp_path / "deep", num_layers=3)
+    pipe = _pipeline(num_layers=2)
+    with pytest.raises(ValueError, match=r"another architecture \(num_layers 3 != 2; the adapter's base: "
+                                         r"'org/tiny-3-0', class=VARTransformer2DModel, num_layers=3.*this pipeline's "
+                                         r"transformer: .*num_layers=2.*ignore_mismatched_base=True"):
+        pipe.load_lora_weights(deep, adapter_name="erase")
+    assert not getattr(pipe.transformer, "peft_config", None)
+    with pytest.warns(AdapterMismatchWarning, match="num_layers 3 != 2"):
+        pipe.load_lora_weights(deep, adapter_name="erase", ignore_mismatched_base=True)
+    assert "erase" in pipe.transformer.peft_config
+    shallow = _erasure_adapter(tmp_path / "shallow", num_layers=2)
+    with pytest.raises(ValueError, match="num_layers 2 != 3"):  # every key fits the deeper model: still refused
+        _pipeline(num_layers=3).load_lora_weights(shallow)
+
+
+def test_an_adapter_for_other_weights_warns_and_loads(tmp_path):
+    adapter = _erasure_adapter(tmp_path / "seed0", num_layers=2, seed=0)
+    same = _pipeline(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterMismatchWarning)
+        same.load_lora_weights(adapter, adapter_name="erase")  # its own base: silent
+    other = _pipeline(seed=1)
+    with pytest.warns(AdapterMismatchWarning, match=r"trained on base model 'org/tiny-2-0'.*its weights differ"):
+        other.load_lora_weights(adapter, adapter_name="erase")
+    assert "erase" in other.transformer.peft_config
+    legacy = _erasure_adapter(tmp_path / "legacy", num_layers=2, seed=0, architecture=False)
+    with pytest.warns(AdapterMismatchWarning, match="its weights differ"):  # no architecture recorded: warn only
+        _pipeline(seed=1).load_lora_weights(legacy)

@@ -1,5 +1,7 @@
 """The erasure loop on a tiny pipeline: anchors, every method, LoRA and full fine-tune, checkpoint and resume."""
 
+import os
+
 import pytest
 import torch
 
@@ -79,7 +81,8 @@ def test_svare_lora_trains_every_adapter_tensor(anchors):
     decay = {id(p): group["weight_decay"] for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(decay[id(p)] == (trainer.config.adam_weight_decay if p.ndim >= 2 else 0.0)
                for p in trainer.trainable_parameters())
-    assert not trainer.optimizer.defaults["fused"]  # the fused AdamW kernel is for CUDA only
+    on_cuda = trainer.accelerator.device.type == "cuda"
+    assert bool(trainer.optimizer.defaults["fused"]) == on_cuda  # the fused AdamW kernel on CUDA, the plain one off it
     trainer.train(progress=False)
     after = trainer.trainable_state_dict()
     assert [k for k in before if torch.equal(before[k], after[k])] == []
@@ -139,6 +142,53 @@ def test_checkpoint_resume_matches_uninterrupted_run(anchors, tmp_path):
     resumed.train(progress=False)
     for k, v in full.trainable_state_dict().items():
         assert torch.allclose(v, resumed.trainable_state_dict()[k], atol=1e-6), k
+
+
+def test_a_checkpoint_interrupted_while_saving_is_never_picked(anchors, tmp_path):
+    """Checkpoints are written to ``.checkpoint-<step>.tmp`` and renamed when complete: a kill during the save
+    leaves no ``checkpoint-<step>``; an incomplete folder (from an older version) or a temp folder is skipped with
+    a warning, and the run resumes from the last complete one."""
+    trainer = _trainer(anchors, max_train_steps=2)
+    trainer.train(checkpointing_steps=1, output_dir=str(tmp_path), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-1", "checkpoint-2"]
+    assert {"trainable.safetensors", "trainer_state.pt"} <= set(os.listdir(tmp_path / "checkpoint-2"))
+    real_save = trainer.accelerator.save_state
+
+    def killed(path):  # writes part of the checkpoint, then the process dies
+        real_save(path)
+        os.remove(os.path.join(path, "trainer_state.pt"))
+        raise KeyboardInterrupt
+
+    trainer.accelerator.save_state = killed
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(tmp_path / "checkpoint-3"))
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint-3.tmp", "checkpoint-1", "checkpoint-2"]
+    (tmp_path / "checkpoint-4").mkdir()  # killed mid-save by a version that wrote in place
+    (tmp_path / "checkpoint-4" / "optimizer.bin").write_bytes(b"")
+    with pytest.warns(UserWarning) as record:
+        latest = latest_checkpoint(str(tmp_path))
+    assert latest == str(tmp_path / "checkpoint-2")
+    messages = " ".join(str(w.message) for w in record)
+    assert "checkpoint-4: it lacks trainable.safetensors, trainer_state.pt" in messages
+    assert ".checkpoint-3.tmp: a checkpoint whose saving was interrupted" in messages
+    resumed = _trainer(anchors, max_train_steps=2)
+    resumed.load_checkpoint(latest)
+    assert resumed.state.step == 2
+    trainer.accelerator.save_state = real_save
+    trainer.save_checkpoint(str(tmp_path / "checkpoint-3"))  # a later save replaces the leftover temp folder
+    assert ".checkpoint-3.tmp" not in os.listdir(tmp_path)
+    assert (tmp_path / "checkpoint-3" / "trainer_state.pt").is_file()
+
+
+def test_checkpoints_total_limit_keeps_the_newest(anchors, tmp_path):
+    trainer = _trainer(anchors, max_train_steps=4)
+    (tmp_path / "checkpoint-0").mkdir()  # an older run's checkpoint counts too (diffusers' rule)
+    trainer.train(checkpointing_steps=1, output_dir=str(tmp_path), progress=False, checkpoints_total_limit=2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="checkpoints_total_limit must be None .* or an integer >= 1"):
+            trainer.train(checkpoints_total_limit=bad)
 
 
 def test_missing_anchors_is_a_clear_error(anchors):

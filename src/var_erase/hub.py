@@ -39,14 +39,16 @@ from typing import Any
 import torch
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.utils import filter_repo_objects
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from .utils import atomic_write_bytes
+from .utils import atomic_write_bytes, redact_secrets
 
 __all__ = [
     "ADAPTER_METADATA_KEY",
     "CARD_TAGS",
+    "FULL_FINETUNE_WEIGHT_NAME",
     "LORA_WEIGHT_NAME",
     "AdapterMetadata",
     "AdapterMismatchWarning",
@@ -55,9 +57,12 @@ __all__ = [
     "check_adapter_compatibility",
     "compute_fingerprint",
     "default_template_path",
+    "architecture_mismatch",
+    "model_architecture",
     "model_fingerprint",
     "push_adapter_to_hub",
     "read_adapter_metadata",
+    "redact_secrets",
     "render_model_card",
     "save_model_card",
     "write_adapter_metadata",
@@ -68,13 +73,16 @@ logger = logging.getLogger(__name__)
 ADAPTER_METADATA_KEY = "var_erase_adapter"
 METADATA_FORMAT_VERSION = 1
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+FULL_FINETUNE_WEIGHT_NAME = "finetuned_modules.safetensors"
+"""The weights of a ``train_modules`` full fine-tune: the trained modules' parameters, named as in the transformer."""
 MODEL_CARD_NAME = "README.md"
 TOY_BASE_MODEL = "var_erase.DEFAULT_MODEL"
 """How adapters name the embedded toy model: its folder lives inside the installed package, a machine-specific path."""
 
 CARD_TAGS = ["var-erase", "lora", "concept-erasure", "text-to-image"]
-DEFAULT_IGNORE_PATTERNS = ["checkpoint-*", "checkpoints", "checkpoints/*", "*.pt", "*.pth", "*.ckpt", "*.tmp", ".*"]
-"""Never uploaded: accelerate checkpoints, pickles, temp files of atomic writes, hidden files."""
+DEFAULT_IGNORE_PATTERNS = ["checkpoint-*", "*/checkpoint-*", "checkpoints", "checkpoints/*", "anchors", "anchors/*",
+                           "*.pt", "*.pth", "*.ckpt", "*.tmp", ".*", "*/.*"]
+"""Never uploaded: accelerate checkpoints, the anchor cache, pickles, temp files of atomic writes, hidden files."""
 
 METHOD_DESCRIPTIONS = {
     "svare": "S-VARE: filtered cross-entropy towards auxiliary visual tokens plus a preservation KL",
@@ -173,6 +181,30 @@ def model_fingerprint(module: torch.nn.Module) -> str:
     return compute_fingerprint(module).digest
 
 
+ARCHITECTURE_KEYS = ("num_layers", "depth", "hidden_size", "dim", "embed_dim", "num_attention_heads", "num_heads",
+                     "mlp_ratio", "intermediate_size", "codebook_dim", "text_dim", "in_channels", "out_channels")
+"""Config entries that fix the shapes of a transformer's weights (what an adapter's tensors must fit)."""
+
+
+def model_architecture(module: torch.nn.Module) -> dict[str, Any]:
+    """The class and shape settings of ``module``'s config, e.g. ``{"class": "VARTransformer2DModel",
+    "num_layers": 32, "hidden_size": 2048, ...}``: what an adapter trained on it needs of another model."""
+    module = _unwrap(module)
+    config = _config_dict(module)
+    return {"class": type(module).__name__, **{k: config[k] for k in ARCHITECTURE_KEYS if k in config}}
+
+
+def architecture_mismatch(recorded: Mapping[str, Any] | None, module: torch.nn.Module) -> str | None:
+    """How ``module`` differs from the ``recorded`` architecture (``"num_layers 8 != 6, ..."``), or None if it does
+    not (settings recorded on one side only are not compared: older or newer metadata)."""
+    if not recorded:
+        return None
+    current = model_architecture(module)
+    diffs = [f"{key} {recorded[key]!r} != {current[key]!r}" for key in recorded
+             if key in current and recorded[key] != current[key]]
+    return ", ".join(diffs) or None
+
+
 def pipeline_fingerprint(pipe) -> str:
     """The identity of what a pipeline samples with: the fingerprints of its transformer, VAE and text encoder, e.g.
     the key of cached anchors, which stays valid wherever the same weights are installed (a path would not)."""
@@ -263,6 +295,8 @@ class AdapterMetadata:
         hyperparameters: the settings of the run (learning rate, steps, thresholds, seed, ...), JSON-serialisable.
         lora_rank, lora_alpha, lora_target_modules: the LoRA shape (alpha matters: the effective scale is alpha/rank).
         base_model_fingerprint, base_model_probes: from :func:`compute_fingerprint` of the base transformer.
+        base_model_architecture: the base transformer's class and shape settings (:func:`model_architecture`);
+            None in adapters written before it was recorded.
         eval_results: the evaluation JSON (``acc_e``, ``acc_i``, ``n_images``, settings), or None.
         var_erase_version: the version that wrote it.
     """
@@ -278,6 +312,7 @@ class AdapterMetadata:
     base_model_probes: dict[str, list[float]] | None = None
     eval_results: dict[str, Any] | None = None
     var_erase_version: str = field(default_factory=_var_erase_version)
+    base_model_architecture: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.concepts, str):
@@ -288,6 +323,10 @@ class AdapterMetadata:
             raise ValueError(f"concepts must be a non-empty list of concept names, got {self.concepts!r}")
         if not self.method:
             raise ValueError("method must name the erasure method, e.g. 'svare'")
+        # a Hub token among the run's arguments must never reach the safetensors header or the card
+        self.hyperparameters = redact_secrets(dict(self.hyperparameters or {}))
+        if self.eval_results is not None:
+            self.eval_results = redact_secrets(dict(self.eval_results))
 
     @classmethod
     def from_training(
@@ -315,10 +354,15 @@ class AdapterMetadata:
             base_model_fingerprint=fingerprint.digest,
             base_model_probes={name: list(values) for name, values in fingerprint.probes.items()},
             eval_results=dict(eval_results) if eval_results is not None else None,
+            base_model_architecture=model_architecture(transformer),
         )
 
     def to_json(self) -> str:
+        """The header entry's JSON; secrets in ``hyperparameters`` / ``eval_results`` are redacted (even ones set
+        after construction)."""
         payload = {"format_version": METADATA_FORMAT_VERSION, **dataclasses.asdict(self)}
+        payload["hyperparameters"] = redact_secrets(payload["hyperparameters"])
+        payload["eval_results"] = redact_secrets(payload["eval_results"])
         return json.dumps(payload, sort_keys=True, default=_json_default)
 
     def to_safetensors_metadata(self) -> dict[str, str]:
@@ -474,41 +518,55 @@ def default_template_path() -> Path:
 
 def render_model_card(
     metadata: AdapterMetadata,
-    repo_id: str,
+    repo_id: str | None = None,
     images: Mapping[str, str] | None = None,
     template_path: str | os.PathLike | None = None,
     license: str = "apache-2.0",  # noqa: A002 - the Hub's field name
+    folder: str | os.PathLike | None = None,
 ) -> ModelCard:
     """Render the adapter's model card: YAML metadata for the Hub plus a human-readable page.
 
     Args:
         metadata: the adapter's :class:`AdapterMetadata` (with ``eval_results`` for an evaluation table).
-        repo_id: where it is (or will be) on the Hub, e.g. ``"org/var-erased-nudity"``; used in the how-to.
+        repo_id: where it is (or will be) on the Hub, e.g. ``"org/var-erased-nudity"``; the how-to loads it. None
+            for an adapter that stays local: the how-to then loads ``folder``.
         images: caption -> image path *relative to the adapter folder* (e.g. ``{"Before / after": "grid.png"}``);
             save the images in the folder so that they are uploaded with it.
         template_path: a Jinja template to use instead of the packaged one.
         license: the adapter's licence; use the base model's if it is more restrictive.
+        folder: the adapter folder; needed when ``repo_id`` is None (the how-to loads this path).
+
+    Secrets among the hyper-parameters and evaluation settings are shown as ``<redacted>``; a ``learning_rate`` of
+    None (the default) is shown as the rate the run used (:attr:`ErasureConfig.effective_learning_rate`).
     """
+    location = _adapter_location(repo_id, folder)
     image_list = [{"caption": caption, "path": _relative_image_path(path)} for caption, path in (images or {}).items()]
-    metrics, settings = _split_eval_results(metadata.eval_results or {})
-    card_data = _card_data(metadata, repo_id, image_list, metrics, license)
+    metrics, settings = _split_eval_results(redact_secrets(metadata.eval_results or {}))
+    hyperparameters = _effective_hyperparameters(redact_secrets(metadata.hyperparameters))
+    name = _card_name(repo_id, folder)
+    card_data = _card_data(metadata, name, image_list, metrics, license)
+    full_finetune = metadata.lora_rank is None and bool(hyperparameters.get("train_modules"))
     return ModelCard.from_template(
         card_data,
         template_str=_template_text(template_path),
-        repo_id=repo_id,
-        title=f"{repo_id.split('/')[-1]}: {', '.join(metadata.concepts)} erased",
+        repo_id=location,
+        adapter_expression=json.dumps(location),
+        on_hub=repo_id is not None,
+        title=f"{name}: {', '.join(metadata.concepts)} erased",
         concepts=metadata.concepts,
         method=metadata.method,
         method_description=METHOD_DESCRIPTIONS.get(metadata.method, metadata.method),
         base_model_display=_display_base_model(metadata.base_model),
         load_expression=_load_expression(metadata.base_model),
-        example_prompt=json.dumps(str(metadata.hyperparameters.get("validation_prompt")
+        example_prompt=json.dumps(str(hyperparameters.get("validation_prompt")
                                       or f"a picture of {metadata.concepts[0]}")),
         base_model_fingerprint=metadata.base_model_fingerprint,
-        hyperparameters=sorted((k, _fmt(v)) for k, v in metadata.hyperparameters.items()),
+        hyperparameters=sorted((k, _fmt(v)) for k, v in hyperparameters.items()),
         lora_rank=metadata.lora_rank,
         lora_alpha=metadata.lora_alpha,
         lora_target_modules=metadata.lora_target_modules,
+        full_finetune=full_finetune,
+        weight_name=FULL_FINETUNE_WEIGHT_NAME if full_finetune else LORA_WEIGHT_NAME,
         metrics=[{"name": k, "value": _fmt(v), "description": METRIC_DESCRIPTIONS.get(k, "")} for k, v in metrics],
         eval_settings=json.dumps(settings, indent=2, sort_keys=True, default=_json_default) if settings else None,
         images=image_list,
@@ -516,6 +574,35 @@ def render_model_card(
         var_erase_version=metadata.var_erase_version,
         citation=SVARE_CITATION,
     )
+
+
+def _adapter_location(repo_id: str | None, folder: str | os.PathLike | None) -> str:
+    """What the card's how-to loads: the Hub repo id, else the local folder."""
+    if repo_id is not None:
+        if not isinstance(repo_id, str) or not repo_id.strip():
+            raise ValueError(f"repo_id must be a Hub repo id such as 'org/var-erased-nudity' (or None for a local "
+                             f"adapter, with folder=...), got {repo_id!r}")
+        return repo_id
+    if folder is None:
+        raise ValueError("render_model_card needs repo_id (the Hub repo the adapter is pushed to) or, for an adapter "
+                         "that stays local, folder=<the adapter folder> (the card's how-to loads it)")
+    return os.fspath(folder)
+
+
+def _card_name(repo_id: str | None, folder: str | os.PathLike | None) -> str:
+    if repo_id is not None:
+        return repo_id.split("/")[-1]
+    return Path(os.path.abspath(os.fspath(folder))).name
+
+
+def _effective_hyperparameters(hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """``learning_rate: None`` (the run used the mode's default) replaced by the rate the run used."""
+    if "learning_rate" not in hyperparameters or hyperparameters["learning_rate"] is not None:
+        return hyperparameters
+    from .erasure.config import default_learning_rate
+
+    mode = "full" if hyperparameters.get("train_modules") else "lora"
+    return {**hyperparameters, "learning_rate": default_learning_rate(mode)}
 
 
 def _template_text(template_path: str | os.PathLike | None) -> str:
@@ -533,7 +620,7 @@ def save_model_card(card: ModelCard, directory: str | os.PathLike) -> Path:
     return path
 
 
-def _card_data(metadata: AdapterMetadata, repo_id: str, images: list[dict], metrics: list[tuple[str, float]],
+def _card_data(metadata: AdapterMetadata, name: str, images: list[dict], metrics: list[tuple[str, float]],
                license: str) -> ModelCardData:  # noqa: A002
     hub_base = metadata.base_model if _looks_like_repo_id(metadata.base_model) else None
     extra: dict[str, Any] = {"erased_concepts": list(metadata.concepts), "erasure_method": metadata.method}
@@ -557,7 +644,7 @@ def _card_data(metadata: AdapterMetadata, repo_id: str, images: list[dict], metr
         base_model=hub_base,
         tags=tags,
         pipeline_tag="text-to-image",
-        model_name=repo_id.split("/")[-1] if eval_results else None,
+        model_name=name if eval_results else None,
         eval_results=eval_results,
         **extra,
     )
@@ -631,15 +718,25 @@ def push_adapter_to_hub(
     commit_message: str = "Upload erasure adapter (var-erase)",
     api: HfApi | None = None,
     ignore_patterns: list[str] | None = None,
+    include: list[str] | None = None,
 ) -> str:
-    """Create ``repo_id`` if needed and upload the adapter ``folder`` to it; returns the commit URL.
+    """Create ``repo_id`` if needed and upload the adapter in ``folder`` to it; returns the commit URL.
 
-    The folder must hold ``pytorch_lora_weights.safetensors`` and a ``README.md`` card whose relative images exist.
-    Training leftovers are not uploaded (``checkpoint-*``, ``*.pt``, temp and hidden files; add more with
-    ``ignore_patterns``). ``private=None`` keeps the namespace's default; it is ignored if the repo exists.
+    The folder must hold the weights (``pytorch_lora_weights.safetensors``, or ``finetuned_modules.safetensors`` for
+    a ``train_modules`` full fine-tune) and a ``README.md`` card whose relative images exist. Only those are
+    uploaded: the weights, the card and the images it shows. ``include`` adds more files by glob pattern relative to
+    the folder (e.g. ``["training_log.json", "eval*.json"]``); ``ignore_patterns`` removes some. Never uploaded,
+    whatever ``include`` says: the ``anchors/`` cache, checkpoints (``checkpoint-*``, ``*.pt``), temporary and hidden
+    files. A folder whose files to upload contain ``token`` is refused (a secret must never reach the Hub).
+    ``private=None`` keeps the namespace's default; it is ignored if the repo exists.
     """
     folder = Path(folder)
-    _check_adapter_folder(folder)
+    weight_name, images = _check_adapter_folder(folder)
+    allow = [weight_name, MODEL_CARD_NAME, *images, *(include or [])]
+    ignore = DEFAULT_IGNORE_PATTERNS + list(ignore_patterns or [])
+    files = _files_to_upload(folder, allow, ignore)
+    if token:
+        _refuse_leaked_token(folder, files, token)
     api = api or HfApi(token=token)
     api.create_repo(repo_id, token=token, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(
@@ -648,18 +745,47 @@ def push_adapter_to_hub(
         repo_type="model",
         token=token,
         commit_message=commit_message,
-        ignore_patterns=DEFAULT_IGNORE_PATTERNS + list(ignore_patterns or []),
+        allow_patterns=allow,
+        ignore_patterns=ignore,
     )
     return str(info.commit_url)
 
 
-def _check_adapter_folder(folder: Path) -> None:
+def _files_to_upload(folder: Path, allow: list[str], ignore: list[str]) -> list[str]:
+    """The folder's files (POSIX paths relative to it) that ``upload_folder`` sends with these patterns."""
+    relative = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return list(filter_repo_objects(relative, allow_patterns=allow, ignore_patterns=ignore))
+
+
+def _refuse_leaked_token(folder: Path, files: list[str], token: str) -> None:
+    """ValueError if ``token`` is written in any file to upload (text files, and safetensors headers)."""
+    needle = token.encode()
+    for name in files:
+        path = folder / name
+        if name.endswith(".safetensors"):
+            data = json.dumps(_read_header(path)).encode()
+        elif path.stat().st_size <= 64 * 2**20:
+            data = path.read_bytes()
+        else:
+            continue
+        if needle in data:
+            raise ValueError(
+                f"{path} contains the Hub token this upload uses: it would be published. Remove it (write logs and "
+                "metadata through var_erase.hub.redact_secrets) and push again"
+            )
+
+
+def _check_adapter_folder(folder: Path) -> tuple[str, list[str]]:
+    """Check the folder's weights and card; returns the weights' file name and the card's local images."""
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
-    weights, readme = folder / LORA_WEIGHT_NAME, folder / MODEL_CARD_NAME
-    if not weights.is_file():
+    weights = next((folder / name for name in (LORA_WEIGHT_NAME, FULL_FINETUNE_WEIGHT_NAME)
+                    if (folder / name).is_file()), None)
+    readme = folder / MODEL_CARD_NAME
+    if weights is None:
         raise FileNotFoundError(f"{folder} has no {LORA_WEIGHT_NAME}: save the adapter first with "
-                                "VARPipeline.save_lora_weights(folder, ...) (train_svare.py does)")
+                                "VARPipeline.save_lora_weights(folder, ...) (train_svare.py does; a full fine-tune "
+                                f"writes {FULL_FINETUNE_WEIGHT_NAME} instead)")
     if not readme.is_file():
         raise FileNotFoundError(f"{folder} has no {MODEL_CARD_NAME} model card: write one with "
                                 "save_model_card(render_model_card(metadata, repo_id), folder)")
@@ -673,9 +799,17 @@ def _check_adapter_folder(folder: Path) -> None:
     except (ValueError, yaml.YAMLError) as err:
         raise ValueError(f"{readme}: the card's YAML metadata is invalid ({err}); re-render it with "
                          "save_model_card(render_model_card(metadata, repo_id), folder)") from err
+    images = []
     for image in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", text):
-        if "://" not in image and not (folder / image).is_file():
+        if "://" in image:
+            continue
+        if not (folder / image).is_file():
             raise FileNotFoundError(f"{readme} shows {image!r}, which is not in {folder}: save the image there or "
                                     "render the card without it")
+        images.append(_glob_literal(image))
+    return weights.name, images
 
 
+def _glob_literal(path: str) -> str:
+    """``path`` as an fnmatch pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", path)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+
+REDACTED = "<redacted>"
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey")
+_HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -39,3 +47,46 @@ def to_device_async(tensor: torch.Tensor, device: torch.device | str) -> torch.T
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def is_secret_key(key: Any) -> bool:
+    """Whether a mapping key names a secret: it contains ``token``, ``secret``, ``password`` or ``api_key``
+    (case-insensitive: ``hub_token``, ``HF_TOKEN``, ``hubToken``, ``client_secret``, ``OPENAI_API_KEY`` ...), not
+    counting ``tokenizer`` / ``tokenize`` (``tokenizer_path`` names a file)."""
+    return bool(_secret_words(key))
+
+
+def redact_secrets(mapping: Any) -> Any:
+    """A deep copy of ``mapping`` with every secret replaced by ``"<redacted>"``, for anything written to disk or
+    uploaded (training logs, adapter metadata, model cards).
+
+    The value of every key that names a secret (:func:`is_secret_key`), in nested dicts and lists too, becomes
+    ``"<redacted>"``; None stays None (an unset token is worth knowing). Numbers and booleans under a key whose only
+    secret word is ``token`` are kept: they are settings such as ``token_threshold`` or ``max_text_tokens``, never
+    credentials (a number under ``secret``/``password``/``api_key`` is still redacted). Any string that holds a
+    Hugging Face access token (``hf_`` + 20 or more letters and digits) is redacted as well, e.g. a logged command
+    line. Mappings come back as dicts, tuples as tuples, lists as lists.
+    """
+    if isinstance(mapping, Mapping):
+        return {key: _redact_value(key, value) for key, value in mapping.items()}
+    if isinstance(mapping, list):
+        return [redact_secrets(value) for value in mapping]
+    if isinstance(mapping, tuple):
+        return tuple(redact_secrets(value) for value in mapping)
+    if isinstance(mapping, str):
+        return _HF_TOKEN_RE.sub(REDACTED, mapping)
+    return copy.deepcopy(mapping)
+
+
+def _secret_words(key: Any) -> set[str]:
+    lowered = str(key).lower().replace("-", "_").replace("tokeniz", "")
+    return {word for word in _SECRET_WORDS if word in lowered}
+
+
+def _redact_value(key: Any, value: Any) -> Any:
+    words = _secret_words(key)
+    if value is None or not words:
+        return redact_secrets(value)
+    if words == {"token"} and isinstance(value, (bool, int, float)):
+        return value
+    return REDACTED

@@ -344,9 +344,13 @@ def convert_infinity_vae(
         config: ``BSQAutoencoder`` keyword arguments; if given, the result is checked key by key and shape by shape
             against that model (strict), otherwise only every source key must be understood.
 
-    The quantizer has no parameters; its integer buffers (``quantizer.*.mask``) are dropped.
+    The quantizer has no parameters; its integer buffers (``quantizer.*.mask``) are dropped. A state dict saved
+    straight from Infinity's ``AutoEncoder`` also holds every quantizer entry under ``quantize.*`` (that class sets
+    ``self.quantize = self.quantizer``, infinity/models/bsq_vae/vae.py): those aliases are dropped when they equal
+    their ``quantizer.*`` twin, and are an error otherwise.
     """
     weights = checkpoint["vae"] if isinstance(checkpoint.get("vae"), Mapping) else checkpoint
+    weights = _drop_quantizer_aliases(weights)
     weights = {_VAE_WRAPPER.sub(r".\1.\2", key): tensor for key, tensor in weights.items()}
     num_up = 1 + max((int(m[1]) for k in weights if (m := re.match(r"^decoder\.up\.(\d+)\.", k))), default=-1)
     out: dict[str, torch.Tensor] = {}
@@ -363,6 +367,25 @@ def convert_infinity_vae(
         _check_converted(out, _expected_vae_shapes(config), unexpected, "BSQ VAE")
     elif unexpected:
         _check_converted(out, {k: v.shape for k, v in out.items()}, unexpected, "BSQ VAE")
+    return out
+
+
+def _drop_quantizer_aliases(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` without the ``quantize.*`` copies of ``quantizer.*`` entries (Infinity's alias)."""
+    out, conflicts = {}, []
+    for key, tensor in weights.items():
+        if not key.startswith("quantize."):
+            out[key] = tensor
+            continue
+        twin = weights.get("quantizer." + key[len("quantize."):])
+        if twin is None or twin.shape != tensor.shape or not torch.equal(twin, tensor):
+            conflicts.append(key)
+    if conflicts:
+        raise ValueError(
+            f"the VAE checkpoint holds {len(conflicts)} 'quantize.*' entries that are not copies of its 'quantizer.*' "
+            f"ones (Infinity's AutoEncoder aliases quantize = quantizer, so they should be), e.g. "
+            f"{conflicts[:_MAX_LISTED]}. Re-save the VAE from Infinity's AutoEncoder, or remove those entries."
+        )
     return out
 
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -435,15 +437,24 @@ class ErasureTrainer:
         return torch._functorch.config.patch(activation_memory_budget=self.activation_memory_budget)
 
     def train(self, max_train_steps: int | None = None, checkpointing_steps: int | None = None,
-              output_dir: str | None = None, progress: bool = True) -> TrainState:
+              output_dir: str | None = None, progress: bool = True,
+              checkpoints_total_limit: int | None = None) -> TrainState:
         """Run to ``max_train_steps`` (default ``config.max_train_steps``) from the current state, with the models
-        that training does not run in CPU memory meanwhile (:meth:`unused_models_offloaded`)."""
+        that training does not run in CPU memory meanwhile (:meth:`unused_models_offloaded`).
+
+        Every ``checkpointing_steps`` iterations a checkpoint is written to ``output_dir/checkpoint-<step>``; with
+        ``checkpoints_total_limit`` N, the oldest are removed first so that at most N remain (diffusers' rule)."""
+        if checkpoints_total_limit is not None and (isinstance(checkpoints_total_limit, bool) or not isinstance(
+                checkpoints_total_limit, int) or checkpoints_total_limit < 1):
+            raise ValueError(f"checkpoints_total_limit must be None (keep every checkpoint) or an integer >= 1, got "
+                             f"{checkpoints_total_limit!r}")
         total = max_train_steps or self.config.max_train_steps
         with self.unused_models_offloaded():
-            self._train(total, checkpointing_steps, output_dir, progress)
+            self._train(total, checkpointing_steps, output_dir, progress, checkpoints_total_limit)
         return self.state
 
-    def _train(self, total: int, checkpointing_steps: int | None, output_dir: str | None, progress: bool) -> None:
+    def _train(self, total: int, checkpointing_steps: int | None, output_dir: str | None, progress: bool,
+               checkpoints_total_limit: int | None = None) -> None:
         bar = tqdm(total=total, initial=self.state.step, desc=f"erasing ({self.config.method})",
                    disable=not (progress and self.accelerator.is_main_process))
         pending: list[dict] = []  # the last iteration's logs, read after the next one is queued
@@ -462,7 +473,8 @@ class ErasureTrainer:
             pending.append({"step": self.state.step, **logs})
             if checkpointing_steps and output_dir and self.state.step % checkpointing_steps == 0:
                 record()
-                self.save_checkpoint(os.path.join(output_dir, f"checkpoint-{self.state.step}"))
+                self.save_checkpoint(os.path.join(output_dir, f"checkpoint-{self.state.step}"),
+                                     total_limit=checkpoints_total_limit)
         record()
         bar.close()
 
@@ -523,9 +535,27 @@ class ErasureTrainer:
         else:
             self.transformer.load_state_dict(state_dict, strict=False)
 
-    def save_checkpoint(self, path: str) -> None:
-        """Write an accelerate checkpoint (optimizer, RNG states, trainable weights, step) to ``path``."""
-        self.accelerator.save_state(path)
+    def save_checkpoint(self, path: str, total_limit: int | None = None) -> None:
+        """Write an accelerate checkpoint (optimizer, RNG states, trainable weights, step) to ``path``, atomically:
+        into ``.<name>.tmp`` next to it first, renamed to ``path`` once complete (a run killed while saving leaves
+        only the temporary folder, which :func:`latest_checkpoint` skips). With ``total_limit`` N, the oldest
+        ``checkpoint-<step>`` folders beside ``path`` are removed first so that at most N remain after saving."""
+        path = os.path.normpath(path)
+        parent, name = os.path.split(path)
+        tmp = os.path.join(parent, f".{name}.tmp")  # the same name on every process: each writes its own files
+        if self.accelerator.is_main_process:
+            if total_limit is not None:
+                prune_checkpoints(parent, total_limit - 1)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(tmp)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: str) -> None:
         self.accelerator.load_state(path)
@@ -604,13 +634,48 @@ def checkpoint_function(mode: bool | str):
                              context_fn=functools.partial(create_selective_checkpoint_contexts, policy))
 
 
+CHECKPOINT_FILES = ("trainable.safetensors", "trainer_state.pt")
+"""What every complete checkpoint holds (written by the trainer's accelerate save hook)."""
+
+
+def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the ``checkpoint-<step>`` folders in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(d.split("-", 1)[1]), os.path.join(output_dir, d)) for d in os.listdir(output_dir)
+             if d.startswith("checkpoint-") and d.split("-", 1)[1].isdigit()]
+    return sorted(p for p in found if os.path.isdir(p[1]))
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The ``checkpoint-<step>`` folder with the highest step in ``output_dir``, or None."""
+    """The complete ``checkpoint-<step>`` folder with the highest step in ``output_dir``, or None.
+
+    Incomplete ones (missing ``trainable.safetensors`` or ``trainer_state.pt``: a run killed while saving with an
+    older var-erase) and temporary ``.checkpoint-<step>.tmp`` folders (killed while saving) are skipped with a
+    warning."""
     if not os.path.isdir(output_dir):
         return None
-    steps = [(int(d.split("-")[1]), d) for d in os.listdir(output_dir)
-             if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return os.path.join(output_dir, max(steps)[1]) if steps else None
+    for name in sorted(os.listdir(output_dir)):
+        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+            warnings.warn(f"skipping {os.path.join(output_dir, name)}: a checkpoint whose saving was interrupted "
+                          "(delete it)", stacklevel=2)
+    for _, path in reversed(_checkpoints(output_dir)):
+        missing = [f for f in CHECKPOINT_FILES if not os.path.isfile(os.path.join(path, f))]
+        if not missing:
+            return path
+        warnings.warn(f"skipping the incomplete checkpoint {path}: it lacks {', '.join(missing)} (its saving was "
+                      "interrupted); resuming from an earlier one. Delete it to silence this warning", stacklevel=2)
+    return None
 
 
-__all__ = ["ErasureTrainer", "TrainState", "latest_checkpoint"]
+def prune_checkpoints(output_dir: str, keep: int) -> list[str]:
+    """Remove the oldest ``checkpoint-<step>`` folders of ``output_dir`` so that at most ``keep`` remain; returns the
+    removed paths."""
+    found = _checkpoints(output_dir)
+    removed = [path for _, path in found[: max(0, len(found) - keep)]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+__all__ = ["ErasureTrainer", "TrainState", "latest_checkpoint", "prune_checkpoints"]

@@ -9,13 +9,18 @@ loading and saving (research/hf_mechanics.md §1). What differs from diffusers' 
   offline Hub cache works (diffusers' guess needs the network);
 - files are written atomically (temp file, then rename), and extra string metadata (the erasure adapter's identity,
   see :mod:`var_erase.hub`) can be stored next to diffusers' ``lora_adapter_metadata``;
-- a corrupt or non-LoRA file is an ``OSError``/``ValueError`` that names the file and the fix.
+- a corrupt or non-LoRA file is an ``OSError``/``ValueError`` that names the file and the fix; so is a LoRA whose
+  keys match no module of the transformer (e.g. a Stable Diffusion UNet LoRA), which diffusers would load as a no-op;
+- an erasure adapter's recorded base model is checked (:mod:`var_erase.hub`): another architecture is refused, other
+  weights warn (``ignore_mismatched_base=True`` loads anyway).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from contextlib import contextmanager
 
 import safetensors
@@ -30,6 +35,14 @@ from diffusers.loaders.lora_base import (
 from huggingface_hub.utils import validate_hf_hub_args
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..hub import (
+    ARCHITECTURE_KEYS,
+    AdapterMetadata,
+    AdapterMismatchWarning,
+    architecture_mismatch,
+    check_adapter_compatibility,
+    model_architecture,
+)
 from ..utils import atomic_write_bytes
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -107,14 +120,19 @@ class VARLoraLoaderMixin(LoraBaseMixin):
                 itself, a Hub repo id (read from the local cache when offline), or a state dict.
             adapter_name: name to register it under (default ``default_{n}``), used by ``set_adapters``.
             hotswap: replace the weights of an already loaded adapter of the same name in place.
+            ignore_mismatched_base: load an erasure adapter recorded for a transformer of another architecture
+                (number of layers, width, ...) instead of raising ``ValueError`` (it warns instead). An adapter
+                trained on other weights of the same architecture only warns (:class:`AdapterMismatchWarning`).
             kwargs: ``weight_name``, ``revision``, ``subfolder``, ``cache_dir``, ``local_files_only``, ``token``,
                 ``low_cpu_mem_usage``.
         """
-        if isinstance(pretrained_model_name_or_path_or_dict, dict):
-            pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            source = pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
-        state_dict, metadata = self.lora_state_dict(
-            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
+        ignore_mismatched_base = kwargs.pop("ignore_mismatched_base", False)
+        state_dict, metadata, file_metadata = self.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, return_file_metadata=True, **kwargs
         )
         bad = [k for k in state_dict if "lora" not in k]
         if not state_dict or bad:
@@ -122,6 +140,11 @@ class VARLoraLoaderMixin(LoraBaseMixin):
                 f"not a LoRA checkpoint: {len(bad)} of {len(state_dict)} tensors have no 'lora' in their name "
                 f"(e.g. {bad[:3]}). Pass the folder or file written by `save_lora_weights` / train_svare.py."
             )
+        name = None if isinstance(source, dict) else os.fspath(source)
+        label = "the state dict" if name is None else repr(name)
+        _check_keys_match_modules(state_dict, self.transformer, self.transformer_name, label)
+        adapter = AdapterMetadata.from_safetensors_metadata(file_metadata, source=name or label)
+        _check_base_model(adapter, self.transformer, name, ignore_mismatched_base)
         self.transformer.load_lora_adapter(
             state_dict,
             network_alphas=None,
@@ -183,6 +206,73 @@ class VARLoraLoaderMixin(LoraBaseMixin):
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
         """Restore the weights from before ``fuse_lora``."""
         super().unfuse_lora(components=components or ["transformer"], **kwargs)
+
+
+_LORA_SUFFIX = re.compile(r"\.lora_(?:A|B|down|up|magnitude_vector|embedding_A|embedding_B)(?:\.[^.]+)?"
+                          r"(?:\.weight|\.bias)?$")
+_FOREIGN_FORMATS = (
+    (("lora_unet_", "unet.", "down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks"),
+     "a diffusion UNet LoRA (Stable Diffusion / SDXL, diffusers or kohya format)"),
+    (("text_encoder", "lora_te", "te1_", "te2_"), "a text-encoder LoRA of a Stable Diffusion pipeline"),
+    (("single_transformer_blocks", "double_blocks", "single_blocks", "transformer_blocks", "joint_blocks"),
+     "a LoRA of a diffusion transformer (Flux, SD3, PixArt, ...)"),
+    (("model.layers.", "self_attn", "q_proj", "mlp.gate_proj"), "a language-model LoRA (transformers / PEFT)"),
+)
+
+
+def _lora_module_name(key: str, prefix: str) -> str:
+    """``transformer.blocks.0.attn2.to_q.lora_A.weight`` -> ``blocks.0.attn2.to_q`` (the module it adapts)."""
+    key = key[len(prefix) + 1:] if key.startswith(f"{prefix}.") else key
+    return _LORA_SUFFIX.sub("", key)
+
+
+def _check_keys_match_modules(state_dict: dict, transformer: torch.nn.Module, prefix: str, label: str) -> None:
+    """ValueError if no key of ``state_dict`` names a module of ``transformer`` (diffusers would load nothing)."""
+    modules = {name for name, _ in transformer.named_modules()}
+    if any(_lora_module_name(key, prefix) in modules for key in state_dict if key.startswith(f"{prefix}.")):
+        return
+    keys = sorted(state_dict)
+    text = " ".join(keys).lower()
+    kind = next((what for markers, what in _FOREIGN_FORMATS if any(m in text for m in markers)),
+                "a LoRA of another model")
+    linear = next((name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)
+                   and ".attn2." in f".{name}."), None) or next(
+        (name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)), "blocks.0.attn2.to_q")
+    linear = linear.replace(".base_layer", "")
+    raise ValueError(
+        f"{label} matches no module of this pipeline's {type(transformer).__name__}: it looks like {kind} (keys such "
+        f"as {keys[:3]}). var-erase loads LoRA adapters of its VAR transformer, with keys such as "
+        f"'{prefix}.{linear}.lora_A.weight' (written by `save_lora_weights` / examples/train_svare.py); an adapter "
+        "made for another model cannot be used with this one."
+    )
+
+
+def _check_base_model(adapter: AdapterMetadata | None, transformer: torch.nn.Module, name: str | None,
+                      ignore_mismatched_base: bool) -> None:
+    """Refuse an adapter recorded for another architecture (unless ``ignore_mismatched_base``); warn when it was
+    trained on other weights. ``name``: the adapter's path or repo id (None for a state dict)."""
+    if adapter is None:
+        return
+    label = repr(name) if name else "(a state dict)"
+    diff = architecture_mismatch(adapter.base_model_architecture, transformer)
+    if diff is not None:
+        message = (
+            f"the erasure adapter {label} was trained on a transformer of another architecture ({diff}; the "
+            f"adapter's base: {adapter.base_model!r}, {_describe(adapter.base_model_architecture)}; this pipeline's "
+            f"transformer: {_describe(None, transformer)}). Its weights do not fit this model. Load it onto its base "
+            "model, or pass ignore_mismatched_base=True to load_lora_weights to load the tensors that fit anyway."
+        )
+        if not ignore_mismatched_base:
+            raise ValueError(message)
+        warnings.warn(message, AdapterMismatchWarning, stacklevel=3)
+        return
+    check_adapter_compatibility(adapter, transformer, adapter=name)  # other weights: AdapterMismatchWarning
+
+
+def _describe(architecture: dict | None, transformer: torch.nn.Module | None = None) -> str:
+    architecture = architecture if architecture is not None else model_architecture(transformer)
+    order = {key: i for i, key in enumerate(("class", *ARCHITECTURE_KEYS))}
+    return ", ".join(f"{k}={architecture[k]}" for k in sorted(architecture, key=lambda k: order.get(k, len(order))))
 
 
 def adapter_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:

@@ -6,8 +6,13 @@ sampler (``Infinity.autoregressive_infer_cfg``) applies, per scale:
 1. guidance on logits: ``g * cond + (1 - g) * uncond`` (``g = 1`` is no guidance; VAR's ``(1 + t) c - t u`` is the
    same with ``t = g - 1``);
 2. temperature: ``logits / tau``;
-3. top-k and top-p per bit, over the 2 classes: top-k >= 2 has no effect, top-k = 1 is greedy; top-p removes the less
-   likely value when its probability is at most ``1 - top_p`` (so with 0.97 bits with p >= 0.97 become certain);
+3. top-k and top-p per bit, over the 2 classes (Infinity's ``sample_with_top_k_top_p_also_inplace_modifying_logits_``
+   in ``infinity/models/infinity.py``): top-k >= 2 has no effect; top-k = 1 removes a class whose logit is below the
+   other's, so it is greedy, except that exactly tied logits both stay (a 50/50 draw). Top-p sorts the two classes
+   by probability and removes those whose cumulative probability is at most ``1 - top_p``, never the last (most
+   likely) one: so the less likely value goes when its probability is at most ``1 - top_p`` (with 0.97, bits with
+   p >= 0.97 become certain), and with ``top_p <= 0.5`` it always goes (greedy), the more likely value always stays;
+   of two exactly tied values the first in the ascending sort (value 0) goes. Top-k is applied first, then top-p;
 4. one independent draw per bit.
 
 The reference draws each bit with ``torch.multinomial``; here a bit is ``u < p(bit = 1)`` with ``u ~ U(0, 1)`` from the
@@ -48,13 +53,16 @@ def bit_probabilities(logits_Bl2d: torch.Tensor, temperature: float = 1.0) -> to
 
 
 def filter_bit_probabilities(p1_Bld: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Apply top-k / top-p to per-bit probabilities of class 1, as Infinity's per-bit top-k/top-p over 2 classes."""
-    if top_k == 1:  # greedy: keep only the more likely class (ties go to 0, like argmax over [p0, p1])
-        return (p1_Bld > 0.5).to(p1_Bld.dtype)
+    """Apply top-k, then top-p, to per-bit probabilities of class 1, as Infinity's top-k / top-p over each bit's 2
+    classes (module docstring, step 3). A tie is ``p1 == 0.5`` exactly (equal logits)."""
+    one, zero = torch.ones_like(p1_Bld), torch.zeros_like(p1_Bld)
+    if top_k == 1:  # removes the class below the other; exactly tied logits both stay, as Infinity's top-k
+        p1_Bld = torch.where(p1_Bld == 0.5, p1_Bld, (p1_Bld > 0.5).to(p1_Bld.dtype))
     if top_p < 1.0:
-        cutoff = 1.0 - top_p  # a class whose probability is at most this is removed (the other is then certain)
-        p1_Bld = torch.where(p1_Bld <= cutoff, torch.zeros_like(p1_Bld), p1_Bld)
-        p1_Bld = torch.where(1.0 - p1_Bld <= cutoff, torch.ones_like(p1_Bld), p1_Bld)
+        cutoff = 1.0 - top_p  # the less likely class goes when its probability (its cumsum) is at most this
+        ones_first = p1_Bld < 0.5  # class 1 is the less likely one (first in the ascending sort); else class 0
+        p1_Bld = torch.where(ones_first & (p1_Bld <= cutoff), zero, p1_Bld)
+        p1_Bld = torch.where(~ones_first & (1.0 - p1_Bld <= cutoff), one, p1_Bld)
     return p1_Bld
 
 
