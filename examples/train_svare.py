@@ -88,12 +88,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpointing_steps", type=int, default=None)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     p.add_argument("--validation_prompt", action="append", default=[], help="prompts of the before/after grid")
     p.add_argument("--num_validation_images", type=int, default=4, help="grid images per prompt; 0: no grid")
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
+    p.add_argument("--push_include", action="append", default=[],
+                   help="also upload files matching this pattern (e.g. training_log.json); repeatable")
     args = p.parse_args(argv)
     if not args.concept and not args.prompt_pairs:
         p.error("give at least one --concept (a concept of the model's world) or --prompt_pairs FILE")
@@ -174,9 +177,11 @@ def main(argv=None) -> str:
             anchor_cache_dir=args.anchor_cache_dir, anchor_batch_size=args.anchor_batch_size,
             anchors_per_prompt=args.anchors_per_prompt,
             anchor_cuda_graphs=False if args.no_anchor_cuda_graphs else None,
-            checkpointing_steps=args.checkpointing_steps, resume_from_checkpoint=args.resume_from_checkpoint,
+            checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+            resume_from_checkpoint=args.resume_from_checkpoint,
             grid_prompts=args.validation_prompt, num_grid_images=args.num_validation_images,
             push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
+            push_include=args.push_include,
             run_args=vars(args), gradient_accumulation_steps=args.gradient_accumulation_steps,
             gradient_checkpointing=args.gradient_checkpointing, compile_blocks=args.compile,
             activation_memory_budget=args.activation_memory_budget,

@@ -8,10 +8,11 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from var_erase import erase
-from var_erase.erasure.erase import judge_replacements, redact_secrets
+from var_erase.erasure.erase import judge_replacements
 from var_erase.erasure.prompts import PromptPair
 from var_erase.erasure.validation import ValidationPrompts, ValidationResult, better
 from var_erase.hub import read_adapter_metadata
+from var_erase.utils import redact_secrets
 
 from ._tiny import tiny_pipeline
 

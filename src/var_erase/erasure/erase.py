@@ -19,7 +19,6 @@ redacted) in ``output_dir``.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from ..evaluation.toy_metrics import generate_images
 from ..hub import AdapterMetadata, pipeline_fingerprint, push_adapter_to_hub, render_model_card, save_model_card
 from ..loaders.lora import adapters_disabled
-from ..utils import atomic_write_bytes
+from ..utils import atomic_write_bytes, redact_secrets
 from .anchors import load_or_sample_anchors
 from .config import ErasureConfig
 from .judges import resolve_judge
@@ -42,8 +41,6 @@ from .prompts import PromptPair, load_prompt_pairs
 from .recipes import DEFAULT_RECIPE, Recipe, get_recipe
 from .trainer import ErasureTrainer, latest_checkpoint
 from .validation import ValidationPrompts, ValidationResult, Validator, better, toy_validation_prompts
-
-SECRET_WORDS = ("token", "secret", "password", "api_key")
 
 
 @dataclass
@@ -92,12 +89,14 @@ def erase(
     anchors_per_prompt: int = 1,
     anchor_cuda_graphs: bool | None = None,
     checkpointing_steps: int | None = None,
+    checkpoints_total_limit: int | None = None,
     resume_from_checkpoint: str | None = None,
     grid_prompts: Sequence[str] = (),
     num_grid_images: int = 4,
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_token: str | None = None,
+    push_include: Sequence[str] = (),
     run_args: dict | None = None,
     progress: bool = True,
     **trainer_kwargs: Any,
@@ -128,11 +127,13 @@ def erase(
         early_stopping: stop at the first validation that meets the target (else train to ``max_train_steps`` and
             keep the best).
         base_model: the base model's id recorded in the adapter (default: the pipeline's path).
-        accelerator, checkpointing_steps, resume_from_checkpoint: as ``examples/train_svare.py``.
+        accelerator, checkpointing_steps, checkpoints_total_limit, resume_from_checkpoint: as
+            ``examples/train_svare.py`` (diffusers' training-script meanings).
         anchor_*: the auxiliary visual tokens' cache folder (default ``output_dir/anchors``), batch, count, graphs.
         grid_prompts / num_grid_images: the before/after grid (default prompts: two unsafe, one safe per concept;
             0 images: no grid).
-        push_to_hub / hub_model_id / hub_token: upload the adapter folder (the token is never written to disk).
+        push_to_hub / hub_model_id / hub_token / push_include: upload the adapter, its card and images (the token is
+            never written to disk; ``push_include`` patterns add more, e.g. ``["training_log.json"]``).
         run_args: the command-line arguments to record in ``training_log.json`` (secrets redacted).
         trainer_kwargs: passed to :class:`ErasureTrainer` (``gradient_checkpointing``, ``compile_blocks``, ...).
     """
@@ -178,8 +179,10 @@ def erase(
     if judge is not None:
         prompts = validation_prompts or _default_validation_prompts(concepts, seed)
         validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **_sampling(config))
-    best, validations = _train_verified(trainer, validator, steps_between, early_stopping, checkpointing_steps,
-                                        output_dir, progress and accelerator.is_main_process)
+    best, validations = _train_verified(trainer, validator, steps_between, early_stopping,
+                                        dict(checkpointing_steps=checkpointing_steps, output_dir=output_dir,
+                                             checkpoints_total_limit=checkpoints_total_limit),
+                                        progress and accelerator.is_main_process)
     accelerator.wait_for_everyone()
     message = validator.report(best[0]) if validator else "No judge was given, so the erasure was not verified."
     accelerator.print(message)
@@ -196,10 +199,10 @@ def erase(
            "retain_prompts": retain,
            "history": trainer.state.history, "validations": validations, "verified": verified, "message": message}
     atomic_write_bytes(Path(output_dir) / "training_log.json", json.dumps(log, indent=2, default=str).encode())
-    repo_id = hub_model_id or f"var-erased-{'-'.join(concepts)}"
-    save_model_card(render_model_card(metadata, repo_id, images), output_dir)
+    save_model_card(render_model_card(metadata, hub_model_id, images, folder=output_dir), output_dir)
     if push_to_hub:
-        print(f"pushed to {push_adapter_to_hub(output_dir, repo_id, token=hub_token)}")
+        repo_id = hub_model_id or f"var-erased-{'-'.join(concepts)}"
+        print(f"pushed to {push_adapter_to_hub(output_dir, repo_id, token=hub_token, include=list(push_include))}")
     return ErasureResult(output_dir, verified and verified["target_reached"], verified, message, trainer.state.step,
                          validations, pairs, retain)
 
@@ -329,7 +332,7 @@ def _sampling(config: ErasureConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # training with validation
 def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every: int | None, early_stopping: bool,
-                    checkpointing_steps: int | None, output_dir: str, progress: bool):
+                    checkpointing: dict, progress: bool):
     """Train in chunks of ``every`` iterations, validating after each; returns ``([best result], validations)`` and
     leaves the transformer at the best checkpoint's weights."""
     total = trainer.config.max_train_steps
@@ -347,7 +350,7 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
     while trainer.state.step < total:
         before = trainer.state.step
         stop = min(total, (before // every + 1) * every)
-        trainer.train(stop, checkpointing_steps=checkpointing_steps, output_dir=output_dir, progress=False)
+        trainer.train(stop, progress=False, **checkpointing)
         bar.update(trainer.state.step - before)
         last = trainer.state.history[-1] if trainer.state.history else {}
         postfix = {k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "pre")}
@@ -460,18 +463,4 @@ def default_grid_prompts(pairs: list[PromptPair]) -> list[str]:
     return out
 
 
-def redact_secrets(value: Any) -> Any:
-    """A copy of ``value`` with every mapping entry whose key names a secret (token, secret, password, api_key)
-    replaced by ``"<redacted>"`` (None stays None), in nested mappings and lists too."""
-    if isinstance(value, dict):
-        return {k: ("<redacted>" if v is not None and any(w in str(k).lower() for w in SECRET_WORDS)
-                    else redact_secrets(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-__all__ = ["ErasureResult", "before_after_grid", "default_grid_prompts", "erase", "judge_replacements",
-           "redact_secrets"]
+__all__ = ["ErasureResult", "before_after_grid", "default_grid_prompts", "erase", "judge_replacements"]
