@@ -7,11 +7,14 @@ import pytest
 
 from var_erase.erasure import losses
 from var_erase.erasure.config import (
+    DEFAULT_LORA_TARGET_MODULES,
     LR_SCHEDULERS,
     METHODS,
     REFERENCE_LEARNING_RATE,
     ErasureConfig,
     default_learning_rate,
+    default_lora_target_modules,
+    loss_function,
     losses_for,
 )
 
@@ -63,11 +66,29 @@ def test_losses_table_names_real_loss_functions():
     assert losses_for("vare") == ("vare_basic_loss",)
     assert losses_for("naive") == ("naive_loss",)
     assert losses_for("esd") == ("esd_loss",)
+    assert losses_for("esd-u") == losses_for("esd-x") == ("esd.negative_guidance_loss",)
+    assert losses_for("uce") == ()  # a closed-form edit: nothing to train
+    assert loss_function("esd_loss") is losses.esd_loss
     for method in METHODS:
-        assert all(callable(getattr(losses, name)) for name in losses_for(method))
+        assert all(callable(loss_function(name)) for name in losses_for(method))
         assert ErasureConfig(method=method).losses == losses_for(method)
-    with pytest.raises(ValueError, match="unknown erasure method 'uce'"):
-        losses_for("uce")
+    with pytest.raises(ValueError, match="unknown erasure method 'sdd'"):
+        losses_for("sdd")
+
+
+def test_each_method_has_its_default_lora_targets():
+    assert ErasureConfig(method="svare").lora_target_modules == list(DEFAULT_LORA_TARGET_MODULES)
+    assert ErasureConfig(method="esd").lora_target_modules == list(DEFAULT_LORA_TARGET_MODULES)
+    esd_u, esd_x = ErasureConfig(method="esd-u").lora_target_modules, ErasureConfig(method="esd-x").lora_target_modules
+    assert esd_u and all(m.startswith(("attn1.", "ff.")) for m in esd_u)  # ESD-u: no cross-attention
+    assert esd_x and all(m.startswith("attn2.") for m in esd_x)  # ESD-x: cross-attention only
+    assert ErasureConfig(method="fmn").lora_target_modules == ["attn2.to_q", "attn2.to_k"]
+    for method in ("uce", "ac-n", "ac-m"):
+        assert ErasureConfig(method=method).lora_target_modules == ["attn2.to_k", "attn2.to_v"]
+    assert ErasureConfig(method="esd-x", lora_target_modules=["ff.net.2"]).lora_target_modules == ["ff.net.2"]
+    assert ErasureConfig.from_dict(ErasureConfig(method="fmn").to_dict()) == ErasureConfig(method="fmn")
+    with pytest.raises(ValueError, match="unknown erasure method"):
+        default_lora_target_modules("sdd")
 
 
 def test_json_round_trip():
@@ -92,7 +113,7 @@ def test_lr_schedulers_are_diffusers_names():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"method": "uce"}, "method must be one of"),
+        ({"method": "sdd"}, "method must be one of"),
         ({"comparison": "=>"}, "comparison must be one of"),
         ({"normalize": "mean"}, "normalize must be one of"),
         ({"kl_reduction": "sum"}, "kl_reduction must be one of"),

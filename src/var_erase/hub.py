@@ -90,6 +90,12 @@ METHOD_DESCRIPTIONS = {
     "vare": "VARE: cross-entropy towards auxiliary visual tokens (paper Eq. 7)",
     "naive": "naive fine-tuning, each branch on its own history (paper Eq. 6; a baseline known to drift)",
     "esd": "ESD-style negative guidance on the logits (a diffusion-era baseline)",
+    "esd-u": "ESD-u: negative guidance on the logits, training the non-cross-attention modules (a baseline)",
+    "esd-x": "ESD-x: negative guidance on the logits, training the cross-attention modules (a baseline)",
+    "fmn": "Forget-Me-Not: cross-attention re-steering away from the concept's tokens (a baseline)",
+    "uce": "UCE: closed-form edit of the cross-attention keys and values, as a low-rank adapter (a baseline)",
+    "ac-n": "Ablating Concepts, noise-based: cross-entropy towards the anchor's tokens under the concept (a baseline)",
+    "ac-m": "Ablating Concepts, model-based: KL to the frozen model's anchor prediction under the concept (a baseline)",
 }
 METRIC_DESCRIPTIONS = {
     "acc_e": "share of the erased concept's images in which it is still detected (lower is better)",

@@ -16,18 +16,34 @@ method     losses                                     what the trainer feeds the
 ``fce``    filtered_cross_entropy                     VARE + L_FCE without preservation (the ablation's middle row).
 ``vare``   vare_basic_loss                            paper Eq. 7: student under c* vs frozen under c, both on r^ori.
 ``naive``  naive_loss                                 paper Eq. 6: as Eq. 7 but each branch on its own history.
-``esd``    esd_loss (+ esd_target_logits)             ESD negative guidance on logits, ``negative_guidance`` = eta.
+``esd``    esd_loss (+ esd_target_logits)             ESD negative guidance on logits, ``negative_guidance`` = eta,
+                                                      on the S-VARE modules (cross-attention + FFN).
+``esd-u``  esd.negative_guidance_loss                 ESD-u (:mod:`~var_erase.erasure.esd`): the same target, trained
+                                                      on the non-cross-attention modules (self-attention + FFN).
+``esd-x``  esd.negative_guidance_loss                 ESD-x: the same target, trained on the cross-attention modules.
+``fmn``    fmn.attention_resteering_loss              Forget-Me-Not (:mod:`~var_erase.erasure.fmn`): cross-attention
+                                                      mass on the concept's tokens of c*, along r^ori.
+``uce``    (none: a closed-form edit)                 UCE (:mod:`~var_erase.erasure.uce`): ``uce.edit``, no trainer.
+``ac-n``   ablating_concepts.noise_based_loss         AC, noise-based (:mod:`~var_erase.erasure.ablating_concepts`):
+                                                      cross-entropy of the student under c* towards the bits r^ori.
+``ac-m``   ablating_concepts.model_based_loss         AC, model-based: per-bit KL(frozen under c || student under c*)
+                                                      along r^ori.
 =========  =========================================  ===============================================================
+
+A name with a dot is a function of that module of :mod:`var_erase.erasure` (:func:`loss_function` resolves it); a
+plain name is one of :mod:`~var_erase.erasure.losses`. Each method has its default LoRA targets
+(:func:`default_lora_target_modules`), used when ``lora_target_modules`` is not given.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-METHODS: tuple[str, ...] = ("svare", "vare", "fce", "naive", "esd")
+METHODS: tuple[str, ...] = ("svare", "vare", "fce", "naive", "esd", "esd-u", "esd-x", "fmn", "uce", "ac-n", "ac-m")
 # learning-rate schedules of ``diffusers.optimization.get_scheduler`` that need no further arguments
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                                   "polynomial")
@@ -38,12 +54,30 @@ _METHOD_LOSSES: dict[str, tuple[str, ...]] = {
     "vare": ("vare_basic_loss",),
     "naive": ("naive_loss",),
     "esd": ("esd_loss",),
+    "esd-u": ("esd.negative_guidance_loss",),
+    "esd-x": ("esd.negative_guidance_loss",),
+    "fmn": ("fmn.attention_resteering_loss",),
+    "uce": (),  # a closed-form edit (var_erase.erasure.uce.edit), not a training loss
+    "ac-n": ("ablating_concepts.noise_based_loss",),
+    "ac-m": ("ablating_concepts.model_based_loss",),
 }
 
 DEFAULT_LORA_TARGET_MODULES: tuple[str, ...] = (
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out", "ff.net.0.proj", "ff.net.2",
 )
 """Cross-attention and FFN of every block, the parameters S-VARE trains (self-attention excluded)."""
+
+_METHOD_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    # ESD-u: everything but cross-attention ("noxattn"); ESD-x: cross-attention only ("xattn") (Gandikota et al. 2023)
+    "esd-u": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out", "ff.net.0.proj", "ff.net.2"),
+    "esd-x": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out"),
+    # FMN re-steers the attention maps: the query and key projections of cross-attention decide them
+    "fmn": ("attn2.to_q", "attn2.to_k"),
+    # UCE edits the key/value projections of the text; AC's default parameter group is the same ("crossattn_kv")
+    "uce": ("attn2.to_k", "attn2.to_v"),
+    "ac-n": ("attn2.to_k", "attn2.to_v"),
+    "ac-m": ("attn2.to_k", "attn2.to_v"),
+}
 
 FULL_FINETUNE_MODULES: tuple[str, ...] = ("attn2", "ff")
 """The reference's full fine-tune set (``enable_ca_layer=1, enable_ffn_layer=1, enable_sa_layer=0``)."""
@@ -68,10 +102,27 @@ def _module_list(value: Any) -> bool:
 
 
 def losses_for(method: str) -> tuple[str, ...]:
-    """Names of the :mod:`~var_erase.erasure.losses` functions a method optimises (see the module table)."""
+    """Names of the functions a method optimises (see the module table; :func:`loss_function` resolves them); empty
+    for ``uce``, which is a closed-form edit."""
     if method not in _METHOD_LOSSES:
         raise ValueError(f"unknown erasure method {method!r}; choose one of {list(METHODS)}")
     return _METHOD_LOSSES[method]
+
+
+def loss_function(name: str) -> Callable[..., Any]:
+    """The function a :func:`losses_for` name stands for: ``"module.function"`` of :mod:`var_erase.erasure`, or a
+    plain function name of :mod:`var_erase.erasure.losses`."""
+    module, _, function = name.rpartition(".")
+    return getattr(importlib.import_module(f"var_erase.erasure.{module or 'losses'}"), function)
+
+
+def default_lora_target_modules(method: str) -> list[str]:
+    """The LoRA targets a method trains unless told otherwise: its source paper's parameter set (ESD-u: self-attention
+    + FFN; ESD-x: cross-attention; FMN: cross-attention queries and keys; UCE and AC: cross-attention keys and values),
+    else S-VARE's cross-attention + FFN (:data:`DEFAULT_LORA_TARGET_MODULES`)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown erasure method {method!r}; choose one of {list(METHODS)}")
+    return list(_METHOD_LORA_TARGETS.get(method, DEFAULT_LORA_TARGET_MODULES))
 
 
 def default_learning_rate(mode: str) -> float:
@@ -97,7 +148,7 @@ class ErasureConfig:
         comparison: ``">="`` (code) or ``">"`` (paper). normalize: ``"all_tokens"`` (code) or ``"kept_tokens"``.
         preservation_weight: lambda on L_Pre: 0.5 (code's ``reg_lambda``); the paper's "equal weights" is 1.0.
         kl_reduction: ``"code"`` (mean over the 2d entries, ½ of the per-bit KL) or ``"paper"`` (full per-bit KL).
-        negative_guidance: eta of ESD (method ``esd`` only).
+        negative_guidance: eta of ESD (methods ``esd``, ``esd-u``, ``esd-x`` only).
         num_train_scales: train on the first N scales only; ``None`` = all (the code's ``always_training_scales=100``).
         first_erase_scale: an extension beyond the paper (default 1: off): the erase loss counts only the tokens of
             scales ``>= first_erase_scale`` (1-based; still weighted ``1 / L`` as the reference), the preservation
@@ -150,7 +201,8 @@ class ErasureConfig:
         samples, in both steps, as the code's training mode does).
 
     Trainable parameters:
-        lora_rank / lora_alpha / lora_target_modules: the LoRA adapter (default, cross-attention + FFN).
+        lora_rank / lora_alpha / lora_target_modules: the LoRA adapter. ``lora_target_modules=None`` (default)
+            takes the method's own set, :func:`default_lora_target_modules` (cross-attention + FFN for S-VARE).
         train_modules: when set (e.g. ``["attn2", "ff"]``), fully fine-tune the modules whose names contain these
             instead of training a LoRA (the reference's setting).
 
@@ -193,7 +245,7 @@ class ErasureConfig:
     # 3. trainable parameters
     lora_rank: int = 4
     lora_alpha: float = 4.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGET_MODULES))
+    lora_target_modules: list[str] | None = None
     train_modules: list[str] | None = None
     # 4. anchor sampling (the frozen model's trajectory for each neutral prompt)
     anchor_guidance_scale: float = 4.0
@@ -208,6 +260,8 @@ class ErasureConfig:
     inference_top_p: float = 0.97
 
     def __post_init__(self) -> None:
+        if self.lora_target_modules is None and self.method in METHODS:
+            self.lora_target_modules = default_lora_target_modules(self.method)
         if isinstance(self.lora_target_modules, (tuple, list)):
             self.lora_target_modules = list(self.lora_target_modules)
         if isinstance(self.train_modules, (tuple, list)):

@@ -13,8 +13,10 @@ paper, which preserves only the pairs' own neutral prompts) the preserve step al
 of retain prompts, each along its own anchor trajectory (see ``ErasureConfig.retain_weight``). Both forwards run in
 training mode with 10% condition dropout, as the reference's. Baselines use the same frame: ``vare`` (paper Eq. 7:
 probability MSE against the frozen model's conditional prediction under ``c`` on ``r^ori``), ``naive`` (Eq. 6: each
-branch on its own history; the student's history is a fresh rollout under ``c*``), ``esd`` (negative guidance on per-
-scale logits, on ``r^ori``).
+branch on its own history; the student's history is a fresh rollout under ``c*``), ``esd`` / ``esd-u`` / ``esd-x``
+(negative guidance on per-scale logits, on ``r^ori``; :mod:`.esd`), ``fmn`` (cross-attention mass on the concept's
+tokens along ``r^ori``; :mod:`.fmn`), ``ac-n`` / ``ac-m`` (ablating concepts; :mod:`.ablating_concepts`). ``uce`` is a
+closed-form edit without this loop (:func:`var_erase.erasure.uce.edit`).
 
 The trained parameters are a PEFT LoRA adapter (cross-attention + FFN by default) kept in float32, or, with
 ``train_modules``, the named modules fully fine-tuned (the reference's ``ca`` + ``ffn``).
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 from ..loaders.lora import adapters_disabled
 from ..pipelines.sampling import guide_logits
 from ..utils import to_device_async
+from . import ablating_concepts, esd, fmn
 from . import losses as L
 from .anchors import AnchorSet
 from .config import ErasureConfig
@@ -95,6 +98,9 @@ class ErasureTrainer:
                  compile_blocks: bool = False, activation_memory_budget: float | None = None,
                  pad_lora_rank: bool | None = None) -> None:
         config.validate()
+        if not config.losses:
+            raise ValueError(f"method {config.method!r} is a closed-form edit with no training loop: call "
+                             "var_erase.erasure.uce.edit(pipe, concepts, replacements, preserve) instead")
         check_activation_memory_budget(activation_memory_budget, compile_blocks, gradient_checkpointing)
         self.activation_memory_budget = activation_memory_budget
         self.retain_prompts = list(dict.fromkeys(retain_prompts or []))
@@ -120,6 +126,9 @@ class ErasureTrainer:
             weight[:skipped] = 0.0
             self.erase_token_weight = weight
         self.text = self._encode_prompts()
+        self.concept_tokens = {p.unsafe: fmn.concept_token_positions(pipe.tokenizer, p.unsafe, p.concept, p.safe,
+                                                                     pipe.transformer.config.max_text_len)
+                               for p in pairs} if config.method == "fmn" else {}
         self.pad_lora_rank = self.accelerator.device.type == "cuda" if pad_lora_rank is None else pad_lora_rank
         self.transformer = self._prepare_trainable(pipe.transformer, gradient_checkpointing)
         if compile_blocks:
@@ -310,11 +319,24 @@ class ErasureTrainer:
         if cfg.method == "naive":
             own = self._rollout_inputs(unsafe)
             return L.naive_loss(self._logits(own, unsafe, **ids), anchor["cond_logits"]), {}
-        if cfg.method == "esd":
+        if cfg.method in ("esd", "esd-u", "esd-x"):
             states, uncond, mask = self._text_and_uncond(unsafe)
-            target = L.esd_target_logits(self._frozen_logits(anchor["inputs"], states, mask),
-                                         self._frozen_logits(anchor["inputs"], uncond, mask), cfg.negative_guidance)
-            return L.esd_loss(self._logits(anchor["inputs"], None, states, mask, **ids), target), {}
+            return esd.negative_guidance_loss(self._logits(anchor["inputs"], None, states, mask, **ids),
+                                              self._frozen_logits(anchor["inputs"], states, mask),
+                                              self._frozen_logits(anchor["inputs"], uncond, mask),
+                                              cfg.negative_guidance), {}
+        if cfg.method == "fmn":  # the text is never dropped: a dropped text has no concept tokens to re-steer
+            states, mask = self._text_batch(unsafe)
+            concept_BT = to_device_async(fmn.concept_token_mask([self.concept_tokens[p] for p in unsafe],
+                                                                states.shape[1]), self.accelerator.device)
+            with fmn.record_cross_attention(self.transformer, concept_BT) as attention:
+                self.model(anchor["inputs"], states, mask, schedule=self.schedule, cond_drop_prob=0.0)
+            return fmn.attention_resteering_loss(attention), {"concept_attn": attention.concept_mass}
+        if cfg.method == "ac-n":
+            return ablating_concepts.noise_based_loss(self._logits(anchor["inputs"], unsafe, **ids), anchor["bits"]), {}
+        if cfg.method == "ac-m":
+            return ablating_concepts.model_based_loss(self._logits(anchor["inputs"], unsafe, **ids),
+                                                      anchor["cond_logits"]), {}
         raise ValueError(f"unknown method {cfg.method!r}")
 
     def preserve_loss(self, pairs: list[PromptPair], anchor: dict, retain: tuple[list[str], dict] | None = None,

@@ -13,6 +13,7 @@ wrapped around ``to_q`` / ``to_k`` / ``to_v`` / ``to_out`` are really used. The 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -295,6 +296,14 @@ def text_attention(q_BHLc: torch.Tensor, k_BHTc: torch.Tensor, v_BHTc: torch.Ten
     return F.scaled_dot_product_attention(q_BHLc, k_BHTc, v_BHTc, attn_mask=mask_B11T, scale=scale)
 
 
+def cross_attention_probabilities(q_BHLc: torch.Tensor, k_BHTc: torch.Tensor,
+                                  mask_B11T: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, T) float32 softmax attention probabilities of :func:`text_attention` (the same scores, scale and
+    mask; masked text tokens get probability 0), written out so they can be read and differentiated."""
+    scores_BHLT = torch.matmul(q_BHLc.float(), k_BHTc.float().transpose(-1, -2)) * q_BHLc.shape[-1] ** -0.5
+    return torch.softmax(scores_BHLT.masked_fill(~mask_B11T, float("-inf")), dim=-1)
+
+
 def _l2_norm(x: torch.Tensor) -> torch.Tensor:
     """float32 L2 norm over the head channels (the last dimension), kept as a dimension of size 1."""
     return torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
@@ -380,6 +389,10 @@ class CrossAttention(nn.Module):
     Padding tokens of the text are masked out, which equals the reference's unpadded variable-length attention.
     ``q`` and ``v`` have biases, ``k`` has none (the reference's ``mat_kv`` + ``v_bias``).
 
+    ``attention_probe``: None (default), or a callable that every forward hands the (B, H, L, T) float32 attention
+    probabilities (:func:`cross_attention_probabilities`, with gradients; computed only when a probe is set, the
+    attention itself stays the fused kernel). Forget-Me-Not reads them (:mod:`var_erase.erasure.fmn`).
+
     Args:
         dim: model width C (queries and output).
         context_dim: width of the text memory.
@@ -393,6 +406,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=True)
         self.to_out = nn.Linear(dim, dim, bias=True)
+        self.attention_probe: Callable[[torch.Tensor], None] | None = None
 
     def forward(
         self,
@@ -413,6 +427,8 @@ class CrossAttention(nn.Module):
             k_BHTc, v_BHTc = _cached_text_kv(self, context_BTC, kv_cache, layer_idx)
         else:
             k_BHTc, v_BHTc = self.text_kv(context_BTC)
+        if self.attention_probe is not None:
+            self.attention_probe(cross_attention_probabilities(q_BHLc, k_BHTc, context_mask_B11T))
         out_BHLc = text_attention(q_BHLc, k_BHTc.to(q_BHLc.dtype), v_BHTc.to(q_BHLc.dtype), context_mask_B11T)
         return self.to_out(_merge_heads(out_BHLc))
 
