@@ -13,6 +13,7 @@ logits they were drawn from, and the conditional branch's logits (kept from the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from ..models.autoencoder_bsq import BSQAutoencoder
 from ..models.transformer_var import VARTransformer2DModel
 from ..schedules import ScaleSchedule
 from .cuda_graphs import TEXT_BUCKET, ScaleGraphs
+from .custom_pipeline import importable_config, with_custom_form, write_custom_code
 from .sampling import check_sampling_args, guide_logits, sample_bits
 
 
@@ -306,6 +308,24 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
     def cuda_graphs_enabled(self) -> bool:
         """Whether :meth:`enable_cuda_graphs` is in effect."""
         return getattr(self, "_cuda_graphs", None) is not None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # 5. loading through DiffusionPipeline (custom_pipeline.py says how diffusers resolves the class)
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """``model_index.json`` plus the small files that let ``DiffusionPipeline.from_pretrained(folder_or_repo,
+        trust_remote_code=True)`` load it (``pipeline.py``, ``transformer/transformer_var.py``, ...)."""
+        write_custom_code(save_directory, self.config, type(self))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_json_string(self) -> str:
+        """diffusers' JSON in its custom-pipeline form: ``_class_name`` ``["pipeline", "VARPipeline"]``."""
+        return with_custom_form(super().to_json_string(), type(self))
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # diffusers' from_pretrained reads model_index.json through this: an explicit VARPipeline load takes the
+        # custom form back as import paths and needs no trust_remote_code (tests/test_custom_pipeline.py)
+        return importable_config(super()._dict_from_json_file(json_file))
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
