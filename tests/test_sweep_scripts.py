@@ -6,6 +6,8 @@ import pytest
 
 from ._scripts import load_script
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
 
 def _script(name):
     return load_script(f"scripts/{name}.py")
