@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint demo generate clean
+.PHONY: setup test test-slow test-all lint demo generate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,16 @@ setup: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples scripts benchmarks
 
+# The fast layer (units and small integrations, about 2 minutes on 2 cores): what to run before every commit.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow layer: the script, app, benchmark and real-evaluator tests (@pytest.mark.slow).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+# Both layers, fast first (what CI runs).
+test-all: test test-slow
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --output_dir outputs/demo

@@ -47,6 +47,9 @@ ERASED_PROMPT = "a red circle"
 SEED = 5  # the same seed throughout, so that the reference images are generated once
 
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
+
 def _import_app():
     spec = importlib.util.spec_from_file_location("var_erase_demo_app", APP_PATH)
     module = importlib.util.module_from_spec(spec)

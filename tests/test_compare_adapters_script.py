@@ -8,6 +8,8 @@ from safetensors.torch import save_file
 
 from ._scripts import load_script
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
 
 @pytest.fixture(scope="module")
 def script():

@@ -12,6 +12,8 @@ from var_erase.pipelines.pipeline_var import VARPipeline
 from ._scripts import load_script
 from ._tiny import LORA_TARGETS, tiny_pipeline
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
 
 def _script():
     return load_script("examples/toy/concept_kl.py")

@@ -25,6 +25,9 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 BUILDINGS = {"palace", "bell cote", "monastery", "church", "castle", "dome", "stupa", "mosque", "boathouse"}
 
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
+
 @pytest.fixture(scope="module")
 def photos():
     """sklearn's china.jpg (a temple) and flower.jpg (a daisy-like flower), uint8 (427, 640, 3)."""

@@ -12,6 +12,8 @@ sklearn_datasets = pytest.importorskip("sklearn.datasets")
 from var_erase.evaluation.fid import frechet_distance  # noqa: E402
 from var_erase.evaluation.inception_fid import InceptionFID, frechet_distance_gram  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
 
 def _crops(photo_HW3, offset=0):
     """8 crops of 160 x 160 from a 427 x 640 photo."""

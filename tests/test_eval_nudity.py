@@ -34,6 +34,9 @@ README_DETECTIONS = [
 ]
 
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
+
 @pytest.fixture(scope="module")
 def evaluator():
     return NudityEvaluator()

@@ -16,6 +16,9 @@ evaluate_real = pytest.importorskip("evaluate_real")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
+
 @pytest.fixture(scope="module")
 def photo_dirs(tmp_path_factory):
     """china.jpg and flower.jpg as PNG, and four 160 x 160 crops of each in their own folders."""

@@ -244,12 +244,13 @@ def test_probability_mse_hand_computed_and_wrappers():
     assert probability_mse(student, student).item() == 0.0
 
 
-def test_esd_target_formula():
-    g = torch.Generator().manual_seed(12)
-    e_p, e_0 = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
-    torch.testing.assert_close(esd_target_logits(e_p, e_0, 1.0), 2 * e_0 - e_p)
+def test_esd_target_moves_away_from_the_concept():
+    """Hand-computed: the target sits on the far side of the unconditional logits from the conditional ones, eta
+    times as far; eta = 0 is the unconditional model itself."""
+    e_p, e_0 = torch.tensor([[[1.0, 3.0]]]), torch.tensor([[[2.0, 2.0]]])
+    torch.testing.assert_close(esd_target_logits(e_p, e_0, 1.0), torch.tensor([[[3.0, 1.0]]]))
+    torch.testing.assert_close(esd_target_logits(e_p, e_0, 2.5), torch.tensor([[[4.5, -0.5]]]))
     torch.testing.assert_close(esd_target_logits(e_p, e_0, 0.0), e_0)
-    torch.testing.assert_close(esd_target_logits(e_p, e_0, 2.5), e_0 - 2.5 * (e_p - e_0))
     assert not esd_target_logits(e_p.requires_grad_(True), e_0).requires_grad
 
 

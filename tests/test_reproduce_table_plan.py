@@ -11,6 +11,8 @@ from reproduce_table import concept_group, parse_args, plan  # noqa: E402
 
 from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
 
 def test_concept_group_fills_the_first_kind_then_the_next_and_keeps_three_of_each():
     five = concept_group("triangle", 5)

@@ -1,6 +1,7 @@
 """scripts/run_jobs.py (parallel, resumable job runner) and scripts/toy_erasure_sweep.py (its job lists)."""
 
 import json
+import shlex
 
 import pytest
 
@@ -8,9 +9,32 @@ from var_erase.toy.pairs import replacements_for
 
 from ._scripts import load_script
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
 
 def _script(name):
     return load_script(f"scripts/{name}.py")
+
+
+def _training(cmd: str):
+    """What examples/train_svare.py parses from a generated training command."""
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["python", "examples/train_svare.py"]
+    return load_script("examples/train_svare.py").parse_args(argv[2:])
+
+
+def _evaluation(cmd: str) -> dict[str, list[str]]:
+    """A generated examples/toy/evaluate_many.py command as flag -> values (a bare flag has no value)."""
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["python", "examples/toy/evaluate_many.py"]
+    flags: dict[str, list[str]] = {}
+    for token in argv[2:]:
+        if token.startswith("--"):
+            name = token[2:]
+            flags.setdefault(name, [])
+        else:
+            flags[name].append(token)
+    return flags
 
 
 def test_jobs_run_in_order_stop_at_a_failure_and_resume(tmp_path):
@@ -46,9 +70,16 @@ def test_sweep_job_list_trains_then_evaluates_on_both_splits():
     assert [j["name"] for j in jobs] == ["base-tri", "base-five", "tri-cos900-s2", "five-const1500-s2",
                                          "tri-cos900-s5", "five-const1500-s5"]
     train, test, validation = jobs[2]["cmds"]
-    assert "--seed 2 " in train and "--lr_scheduler cosine" in train and "--output_dir {D}" in train
-    assert "--lora {D} --seed 0 --prompts_per_concept 48" in test and "--seed 1 " in validation
-    assert jobs[3]["cmds"][1].count("--target_concept") == 5 and "--prompts_per_concept 32" in jobs[3]["cmds"][1]
+    args = _training(train)
+    assert (args.seed, args.lr_scheduler, args.output_dir, args.concept) == (2, "cosine", "{D}", ["triangle"])
+    test, validation = _evaluation(test), _evaluation(validation)
+    assert test["lora"] == validation["lora"] == ["{D}"]  # both splits evaluate the adapter just trained
+    assert (test["seed"], validation["seed"], test["prompts_per_concept"]) == (["0"], ["1"], ["48"])
+    assert test["output_json"] != validation["output_json"]
+    five = _evaluation(jobs[3]["cmds"][1])
+    assert five["target_concept"] == ["triangle", "circle", "square", "star", "heart"]
+    assert five["prompts_per_concept"] == ["32"]
+    assert "base" in _evaluation(jobs[0]["cmds"][0]) and "lora" not in _evaluation(jobs[0]["cmds"][0])
     with pytest.raises(SystemExit, match="unknown recipe"):
         _script("toy_erasure_sweep").main(["--recipes", "tri-sgd"])
 
@@ -58,9 +89,11 @@ def test_sweep_runs_one_concept_recipes_on_other_concepts_of_their_kind():
     jobs = sweep.main(["--recipes", "tri-cos900,out-cos1500", "--concepts", "star,dotted", "--seeds", "0", "--base"])
     assert [j["name"] for j in jobs] == ["base-star", "base-dotted", "tri-cos900-star-s0", "out-cos1500-dotted-s0"]
     star_train, star_test, _ = jobs[2]["cmds"]
-    assert "--concept star " in star_train and "--concept triangle" not in star_train
-    assert "--retain_prompts_per_concept 48" in star_train and "--target_concept star --lora {D}" in star_test
-    assert "--concept dotted " in jobs[3]["cmds"][0] and "--max_train_steps 1500" in jobs[3]["cmds"][0]
+    star = _training(star_train)
+    assert star.concept == ["star"] and star.retain_prompts_per_concept == 48  # the triangle recipe, on the star
+    assert _evaluation(star_test)["target_concept"] == ["star"] and _evaluation(star_test)["lora"] == ["{D}"]
+    dotted = _training(jobs[3]["cmds"][0])
+    assert dotted.concept == ["dotted"] and dotted.max_train_steps == 1500
     with pytest.raises(SystemExit, match="no recipe given is a colour recipe"):
         sweep.main(["--recipes", "tri-cos900", "--concepts", "red"])
     with pytest.raises(SystemExit, match="names no style"):
@@ -77,9 +110,8 @@ def test_sweep_one_replacement_recipes_refuse_their_own_replacement():
     sweep = _script("toy_erasure_sweep")
     jobs = sweep.main(["--recipes", "tri-cos900-to-circle", "--concepts", "star,diamond", "--seeds", "1"])
     assert [j["name"] for j in jobs] == ["tri-cos900-to-circle-star-s1", "tri-cos900-to-circle-diamond-s1"]
-    assert all("--replacement circle" in j["cmds"][0] for j in jobs)
-    train_svare = load_script("examples/train_svare.py")
-    args = train_svare.parse_args(jobs[0]["cmds"][0].split()[2:])
+    assert all(_training(j["cmds"][0]).replacement == ["circle"] for j in jobs)
+    args = _training(jobs[0]["cmds"][0])
     assert replacements_for("star", args.concept, args.replacement) == ["circle"]
     with pytest.raises(SystemExit, match="cannot erase 'circle'"):
         sweep.main(["--recipes", "tri-cos900-to-circle", "--concepts", "circle"])
@@ -87,8 +119,6 @@ def test_sweep_one_replacement_recipes_refuse_their_own_replacement():
 
 def test_every_sweep_recipe_is_a_valid_training_command():
     """Each recipe's arguments parse with examples/train_svare.py, and its replacements resolve for its concepts."""
-    import shlex
-
     sweep, train = _script("toy_erasure_sweep"), load_script("examples/train_svare.py")
     for name, (train_args, targets, _) in sweep.RECIPES.items():
         args = train.parse_args(shlex.split(train_args) + ["--output_dir", "unused"])

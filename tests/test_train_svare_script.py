@@ -18,6 +18,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 train_svare = pytest.importorskip("train_svare")
 
 
+pytestmark = pytest.mark.slow  # a script / app / benchmark / real-evaluator test: `make test-slow`
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("base") / "tiny"

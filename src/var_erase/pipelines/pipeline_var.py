@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ..models.autoencoder_bsq import BSQAutoencoder
 from ..models.transformer_var import VARTransformer2DModel
 from ..schedules import ScaleSchedule
 from .cuda_graphs import TEXT_BUCKET, ScaleGraphs
+from .custom_pipeline import importable_config, with_custom_form, write_custom_code
 from .sampling import check_sampling_args, guide_logits, sample_bits
 
 logger = logging.get_logger(__name__)
@@ -597,6 +599,23 @@ class VARPipeline(DiffusionPipeline, VARLoraLoaderMixin):
         """Not supported: attention already runs through torch's memory-efficient ``scaled_dot_product_attention``
         kernels; raises ``NotImplementedError``."""
         raise NotImplementedError("VARPipeline has no xformers attention: " + _NOT_SLICED.split(": ", 1)[1])
+    # ----------------------------------------------------------------------------------------------------------------
+    # 5. loading through DiffusionPipeline (custom_pipeline.py says how diffusers resolves the class)
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """``model_index.json`` plus the small files that let ``DiffusionPipeline.from_pretrained(folder_or_repo,
+        trust_remote_code=True)`` load it (``pipeline.py``, ``transformer/transformer_var.py``, ...)."""
+        write_custom_code(save_directory, self.config, type(self))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_json_string(self) -> str:
+        """diffusers' JSON in its custom-pipeline form: ``_class_name`` ``["pipeline", "VARPipeline"]``."""
+        return with_custom_form(super().to_json_string(), type(self))
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict:
+        # diffusers' from_pretrained reads model_index.json through this: an explicit VARPipeline load takes the
+        # custom form back as import paths and needs no trust_remote_code (tests/test_custom_pipeline.py)
+        return importable_config(super()._dict_from_json_file(json_file))
 
 
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
