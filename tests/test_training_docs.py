@@ -51,6 +51,10 @@ def _default(action: argparse.Action) -> str:
         return "off" if action.default is False else "on"
     if action.default is None or action.default == []:
         return "-"
+    from var_erase import DEFAULT_MODEL
+
+    if action.default == DEFAULT_MODEL:  # an absolute path that depends on where the package is installed
+        return "`var_erase.DEFAULT_MODEL`"
     return f"`{_cell(action.default)}`"
 
 
