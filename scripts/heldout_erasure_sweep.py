@@ -26,6 +26,14 @@ TEN = ["red", "green", "blue", "pink", "triangle", "star", "heart", "crescent", 
 ACC_E_TARGET, ACC_I_DROP, ACC_I_DROP_TEN = 0.05, 0.02, 0.03
 
 
+def _inference_sampling() -> dict:
+    """The sampling every erasure is validated and judged with (ErasureConfig's inference defaults)."""
+    from var_erase.erasure.config import ErasureConfig
+    from var_erase.erasure.erase import sampling_settings
+
+    return sampling_settings(ErasureConfig())
+
+
 def _seeds(text: str) -> list[int]:
     if "-" in text:
         lo, hi = text.split("-")
@@ -59,7 +67,7 @@ def evaluate(args) -> dict:
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(args.lora, adapter_name="erase")
     judge = OracleJudge(device=device)
-    sampling = dict(guidance_scale=4.0, temperature=0.5, top_k=900, top_p=0.97)
+    sampling = _inference_sampling()
     kwargs = dict(phrasing_set=args.phrasing_set, images_per_prompt=args.images_per_prompt, seed=args.seed,
                   progress=False, **sampling)
     base = base_detections(pipe, judge, **kwargs)
@@ -91,7 +99,7 @@ def base(args) -> dict:
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(device)
     pipe.set_progress_bar_config(disable=True)
     seen = phrasing_detections(pipe, OracleJudge(device=device), args.phrasing_set, args.images_per_prompt, args.seed,
-                               progress=False, guidance_scale=4.0, temperature=0.5, top_k=900, top_p=0.97)
+                               progress=False, **_inference_sampling())
     rows = phrasing_rows(args.phrasing_set)
     groups: dict[str, dict[str, list[bool]]] = {"per_concept": {}, "per_template": {}}
     for row, hits in zip(rows, seen):

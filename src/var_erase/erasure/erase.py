@@ -144,7 +144,7 @@ def erase(
     concepts = [concepts] if isinstance(concepts, str) else list(concepts or [])
     _check_output_dir(output_dir, anchor_cache_dir)
     config = _resolve_config(recipe, config)
-    judge = resolve_judge(judge, pipe, concepts or ["custom"]) if (judge is not None) else None
+    judge = resolve_judge(judge, pipe, concepts or ["custom"])
     steps_between = recipe.validation_steps if validation_steps == -1 else validation_steps
 
     # 1. prompt pairs and the retain set
@@ -178,7 +178,7 @@ def erase(
     validator = None
     if judge is not None:
         prompts = validation_prompts or _default_validation_prompts(concepts, seed)
-        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **_sampling(config))
+        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **sampling_settings(config))
     best, validations = _train_verified(trainer, validator, steps_between, early_stopping,
                                         dict(checkpointing_steps=checkpointing_steps, output_dir=output_dir,
                                              checkpoints_total_limit=checkpoints_total_limit),
@@ -295,7 +295,7 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
     values = list(rows_by_value)
     prompts = [p for v in values for p in rows_by_value[v]]
     with adapters_disabled(pipe.transformer):
-        images = generate_images(pipe, prompts, 1, seed + 2, progress=False, **_sampling(config))
+        images = generate_images(pipe, prompts, 1, seed + 2, progress=False, **sampling_settings(config))
     owner = [v for v in values for _ in rows_by_value[v]]
     drawn = judge(images, owner)
     chosen = {}
@@ -324,7 +324,7 @@ def _default_validation_prompts(concepts: list[str], seed: int) -> ValidationPro
                      f"without verification")
 
 
-def _sampling(config: ErasureConfig) -> dict:
+def sampling_settings(config: ErasureConfig) -> dict:
     return {"guidance_scale": config.inference_guidance_scale, "temperature": config.inference_temperature,
             "top_k": config.inference_top_k, "top_p": config.inference_top_p}
 
@@ -439,7 +439,7 @@ def before_after_grid(pipe, prompts: list[str], n: int, seed: int, config: Erasu
     """Rows: prompts; columns: n images before (adapters off), then n after, same seeds."""
     from diffusers.utils import make_image_grid
 
-    kwargs = dict(_sampling(config), num_images_per_prompt=n)
+    kwargs = dict(sampling_settings(config), num_images_per_prompt=n)
     was_training = pipe.transformer.training
     pipe.transformer.eval()
     rows = []
@@ -463,4 +463,5 @@ def default_grid_prompts(pairs: list[PromptPair]) -> list[str]:
     return out
 
 
-__all__ = ["ErasureResult", "before_after_grid", "default_grid_prompts", "erase", "judge_replacements"]
+__all__ = ["ErasureResult", "before_after_grid", "default_grid_prompts", "erase", "judge_replacements",
+           "sampling_settings"]
