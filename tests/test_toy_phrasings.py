@@ -1,8 +1,18 @@
-"""The tuning and held-out phrasing sets: disjoint from the captions and each other, complete, and frozen."""
+"""The tuning, held-out and fresh phrasing sets: disjoint from the captions and each other, complete, and frozen."""
+
+import re
+import string
 
 import pytest
 
-from var_erase.toy.captions import OBJECT_TEMPLATES, PAIR_TEMPLATES, SCENE_TEMPLATES
+from var_erase.toy.captions import (
+    BACKGROUND_TEMPLATES,
+    EMPTY_TEMPLATES,
+    OBJECT_TEMPLATES,
+    PAIR_TEMPLATES,
+    RELATION_TEMPLATES,
+    SCENE_TEMPLATES,
+)
 from var_erase.toy.concepts import concept_names, concepts_of_kind, get_concept
 from var_erase.toy.phrasings import TEMPLATES, phrased_prompts, phrasing_digest, phrasing_rows
 
@@ -11,7 +21,31 @@ from var_erase.toy.phrasings import TEMPLATES, phrased_prompts, phrasing_digest,
 FROZEN = {
     "heldout": "69f551e1a593c25346cecc44d02e653053cec2924d3838f5bdc61c09c1a31e33",
     "tuning": "7e29248dc6971336458cf1452812182f69acd0c2b3fddc1b81c7f2f137b72e96",
+    # written 2026-12-05 by someone who did not work on the erasure method; the headline set from then on
+    "fresh": "a1be0086b39f477637c2df83d95e113dd48b145ccc9877d45feaa5d92595b240",
 }
+SETS = ("tuning", "heldout", "fresh")
+
+
+def _caption_templates() -> set[str]:
+    flat = (OBJECT_TEMPLATES, SCENE_TEMPLATES, PAIR_TEMPLATES, BACKGROUND_TEMPLATES, EMPTY_TEMPLATES)
+    out = {t for table in flat for ts in table.values() for t in ts}
+    return out | {t for split in RELATION_TEMPLATES.values() for ts in split.values() for t in ts}
+
+
+def _tokens(template: str) -> list[str]:
+    """The words of a template, optional-segment brackets and punctuation dropped, each slot as one token."""
+    return re.findall(r"\{\w+\}|[\w'-]+", template.replace("[", " ").replace("]", " ").lower())
+
+
+def _word_edits(a: list[str], b: list[str]) -> int:
+    """Word-level edit distance (insert, delete, substitute) between two token lists."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
 
 
 @pytest.mark.parametrize("name", sorted(FROZEN))
@@ -20,17 +54,39 @@ def test_phrasing_sets_are_frozen(name):
 
 
 def test_sets_share_no_template_with_each_other_or_with_the_captions():
-    captions = {t for table in (OBJECT_TEMPLATES, SCENE_TEMPLATES, PAIR_TEMPLATES) for ts in table.values() for t in ts}
-    assert not set(TEMPLATES["tuning"]) & set(TEMPLATES["heldout"])
-    assert not (set(TEMPLATES["tuning"]) | set(TEMPLATES["heldout"])) & captions
-    tuning = {r.prompt for r in phrasing_rows("tuning")}
-    assert not tuning & {r.prompt for r in phrasing_rows("heldout")}
+    captions = _caption_templates()
+    for i, a in enumerate(SETS):
+        assert not set(TEMPLATES[a]) & captions, a
+        prompts = {r.prompt for r in phrasing_rows(a)}
+        for b in SETS[i + 1:]:
+            assert not set(TEMPLATES[a]) & set(TEMPLATES[b]), (a, b)
+            assert not prompts & {r.prompt for r in phrasing_rows(b)}, (a, b)
 
 
+def test_fresh_templates_are_no_near_copies_of_any_other_template():
+    others = _caption_templates() | {t for name in ("tuning", "heldout") for t in TEMPLATES[name]}
+    for template in TEMPLATES["fresh"]:
+        for other in others:
+            # "same frame with one word changed" is one edit; demand a clearly different frame
+            assert _word_edits(_tokens(template), _tokens(other)) >= 3, (template, other)
+    assert len(TEMPLATES["fresh"]) == len(set(TEMPLATES["fresh"])) == 8
+
+
+def test_fresh_templates_fill_each_kind_exactly_once_with_known_slots():
+    for template in TEMPLATES["fresh"]:
+        slots = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        assert set(slots) <= {"a", "shape", "shapes", "colour", "style", "style_post"}, template
+        assert slots.count("shape") + slots.count("shapes") == 1, template
+        assert slots.count("colour") == 1, template
+        assert slots.count("style") + slots.count("style_post") == 1, template
+    assert max(len(r.prompt.split()) for r in phrasing_rows("fresh")) < 20
+
+
+@pytest.mark.parametrize("phrasing_set", ["heldout", "fresh"])
 @pytest.mark.parametrize("concept", ["blue", "star", "striped"])
-def test_each_concept_meets_every_value_of_the_other_kinds(concept):
+def test_each_concept_meets_every_value_of_the_other_kinds(concept, phrasing_set):
     target = get_concept(concept)
-    rows = phrased_prompts(concept, "heldout")
+    rows = phrased_prompts(concept, phrasing_set)
     others = [k for k in ("shape", "colour", "style") if k != target.kind]
     combos = {tuple(r.values[k] for k in others) for r in rows}
     assert len(rows) == len(combos) == len(concepts_of_kind(others[0])) * len(concepts_of_kind(others[1]))
@@ -43,6 +99,25 @@ def test_prompts_name_what_they_ask_for_and_paraphrases_use_heldout_words():
     paraphrased = phrased_prompts("star", "paraphrase")
     assert all(any(w in r.prompt for w in get_concept("star").heldout_paraphrases) for r in paraphrased)
     assert len(phrasing_rows("heldout")) == 8 * 32 + 8 * 32 + 4 * 64 and len(concept_names()) == 20
+
+
+@pytest.mark.parametrize("phrasing_set", ["tuning", "fresh"])
+def test_every_prompt_words_its_three_values_and_no_other_concept(phrasing_set):
+    rows = phrasing_rows(phrasing_set)
+    assert len(rows) == 8 * 32 + 8 * 32 + 4 * 64
+    for row in rows:
+        for name in concept_names():
+            words = get_concept(name).training_words
+            if name in row.values.values():
+                assert any(w in row.prompt for w in words), (row.prompt, name)
+            else:  # a stray word of another value (e.g. "plain" = solid) would ask for two values of one kind
+                assert not any(re.search(rf"\b{re.escape(w)}\b", row.prompt) for w in words), (row.prompt, name)
+
+
+def test_paraphrase_keeps_the_heldout_templates_and_fresh_has_its_own():
+    assert {r.template for r in phrasing_rows("paraphrase")} == set(TEMPLATES["heldout"])
+    assert {r.template for r in phrasing_rows("fresh")} == set(TEMPLATES["fresh"])
+    assert [r.values for r in phrased_prompts("red", "fresh")] == [r.values for r in phrased_prompts("red", "heldout")]
 
 
 def test_unknown_set_is_refused():

@@ -1,21 +1,25 @@
-"""Two frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"`` and ``"heldout"``.
+"""Frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"``, ``"heldout"`` and ``"fresh"``.
 
 An erasure is trained on caption-template prompts (:mod:`var_erase.toy.captions`, split ``"train"``). Whether it
-generalises is judged on prompts written differently. Two disjoint sets of such prompts exist:
+generalises is judged on prompts written differently. Three disjoint template sets exist, plus one variant:
 
 - ``"tuning"``: what the closed training loop validates on (``var_erase.erase(..., validation_steps=...)``) and the
   only set any recipe may be tuned on.
 - ``"heldout"``: frozen before any tuning (2026-12-05; ``tests/test_toy_phrasings.py`` pins its digest), never used
-  by training, validation or tuning: the set the README's and docs/results.md's headline numbers are measured on.
+  by training, validation or tuning. Its per-template leaks have since been looked at and informed a method change,
+  so it is no longer unseen: it stays for comparison with earlier numbers, not as the headline.
+- ``"fresh"``: frozen 2026-12-05 (digest pinned in ``tests/test_toy_phrasings.py``), written by someone who did not
+  work on the erasure method, never used by training, validation or tuning: the headline set from now on. Its
+  templates should not be read or inspected per template by anyone tuning a recipe; report its aggregate numbers.
 - ``"paraphrase"``: the held-out templates with the concept worded by its held-out paraphrases (``Concept.heldout``,
   words no training caption contains, e.g. "pentagram"); the other attributes keep training words. The base model
   reads few of these words, so this set measures robustness (is the erased concept still drawn under a name the
   model barely knows?), not the headline.
 
-Both combine the concept with **every value of the two other kinds** (a shape with each of the 8 colours x 4 styles,
-a colour with each of the 8 shapes x 4 styles, a style with each of the 8 shapes x 8 colours), so a result can be
-broken down by co-occurring attribute (``blue x striped``). They differ from the caption templates and from each
-other in templates, word order and plurals; both use the concepts' training synonyms, cycled evenly, so the base
+Every set combines the concept with **every value of the two other kinds** (a shape with each of the 8 colours x 4
+styles, a colour with each of the 8 shapes x 4 styles, a style with each of the 8 shapes x 8 colours), so a result can
+be broken down by co-occurring attribute (``blue x striped``). They differ from the caption templates and from each
+other in templates, word order and plurals; all use the concepts' training synonyms, cycled evenly, so the base
 model can draw what they ask for (a judgement needs a base model that follows the prompt).
 """
 
@@ -27,10 +31,10 @@ from dataclasses import dataclass
 
 from .concepts import CONCEPT_KINDS, Concept, concept_names, concepts_of_kind, get_concept
 
-PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase")
+PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase", "fresh")
 
 # ``{a}`` is the article of what follows it; ``{shapes}`` the plural noun; ``{style}`` the adjective, ``{style_post}``
-# the phrase after the noun. No template here occurs in captions.py, and the two sets share none.
+# the phrase after the noun. No template here occurs in captions.py, and no two sets share one.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "tuning": (
         "{a} {colour} {shape} that is {style}",
@@ -48,6 +52,16 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "the {shape} is {colour} and {style}",
         "{colour} and {style}: {a} {shape}",
         "a small drawing with {a} {style} {colour} {shape} on a plain background",
+    ),
+    "fresh": (
+        "make {a} {style} {shape} and colour it {colour}",
+        "{a} {shape} which looks {style} and has {a} {colour} tone",
+        "three {style} {shapes}, all of them {colour}",
+        "colour: {colour}; shape: {shape}; style: {style}",
+        "on my desk there is a sticker of {a} {colour} {shape} {style_post}",
+        "can you create {a} {shape} {style_post} using only {colour}?",
+        "I would like {a} {style} {shape}; make the colour {colour}",
+        "{colour} is the colour of this {style} {shape}",
     ),
 }
 
