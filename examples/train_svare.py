@@ -57,8 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt_pairs", action="append", default=[], help="JSON/CSV of unsafe/safe pairs; repeatable")
     p.add_argument("--recipe", choices=list(RECIPES), default=DEFAULT_RECIPE)
     p.add_argument("--num_pairs", type=int, default=None, help="pairs generated per named concept")
-    p.add_argument("--pair_wording", choices=["random", "balanced"], default=None,
-                   help="generated pairs: random synonyms/templates, or every combination evenly (recipe's)")
+    p.add_argument("--pair_wording", choices=["random", "balanced", "varied"], default=None,
+                   help="generated pairs: random, every template/synonym evenly, or also with the attributes after "
+                        "the noun (recipe's)")
     p.add_argument("--replacement", action="append", default=[],
                    help="generated pairs: what the safe prompts swap a concept for (VALUE for every erased concept "
                         "of its kind, CONCEPT=VALUE for one); default: the recipe's choice")
@@ -76,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target_acc_e", type=float, default=0.05)
     p.add_argument("--max_acc_i_drop", type=float, default=0.02)
     p.add_argument("--no_early_stopping", action="store_true", help="train to the end; keep the best validation")
+    p.add_argument("--confirmations", type=int, default=None, help="met validations in a row to stop (recipe's)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--gradient_checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"])
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -166,13 +168,13 @@ def main(argv=None) -> str:
         result = erase(
             pipe, args.concept, output_dir=args.output_dir, pairs=args.prompt_pairs or None, recipe=args.recipe,
             config=config_overrides(args), seed=args.seed, num_pairs=args.num_pairs, pair_wording=args.pair_wording,
-            replacements=args.replacement,
-            retain_prompts=read_retain_prompts(args.retain_prompts),
+            replacements=args.replacement, retain_prompts=read_retain_prompts(args.retain_prompts),
             retain_prompts_per_concept=args.retain_prompts_per_concept,
             judge=None if args.judge == "none" else args.judge,
             validation_prompts=read_validation_prompts(args.validation_prompts_file, args.seed),
             validation_steps=args.validation_steps, target_acc_e=args.target_acc_e,
             max_acc_i_drop=args.max_acc_i_drop, early_stopping=not args.no_early_stopping,
+            confirmations=args.confirmations,
             base_model=args.pretrained_model_name_or_path, accelerator=accelerator,
             anchor_cache_dir=args.anchor_cache_dir, anchor_batch_size=args.anchor_batch_size,
             anchors_per_prompt=args.anchors_per_prompt,

@@ -1,19 +1,23 @@
 """The default recipe on every concept of the toy world, judged on the frozen held-out phrasings (worst case first).
 
-    python scripts/heldout_erasure_sweep.py jobs --seeds 0-2 > jobs.jsonl        # 20 concepts + the ten-concept set
+    python scripts/heldout_erasure_sweep.py jobs --seeds 3-5 > jobs.jsonl        # 20 concepts (--ten: + ten at once)
+    python scripts/heldout_erasure_sweep.py base --phrasing_set fresh --images_per_prompt 2 --cache_dir outputs/base
     python scripts/run_jobs.py jobs.jsonl --parallel 16 --output_dir outputs/heldout   # on the GPU machine
-    python scripts/heldout_erasure_sweep.py table outputs/heldout > table.md          # worst concept, worst seed
-    python scripts/heldout_erasure_sweep.py base --phrasing_set heldout --output_json base.json  # base adherence
+    python scripts/heldout_erasure_sweep.py table outputs/heldout --report eval_fresh.json  # worst concept, seed
 
 Each job runs ``examples/train_svare.py --concept C --seed S`` with no other training flag (the default recipe;
-``jobs --recipe svare`` gives the published method's rows), then ``evaluate``: every held-out prompt drawn twice
-with and without the adapter on the same seeds, read by the toy oracle (:mod:`var_erase.evaluation.heldout`).
+``jobs --recipe svare`` gives the published method's rows), then ``evaluate`` once per phrasing set (``--sets``,
+default ``fresh,heldout``: ``fresh`` is the headline, ``heldout`` was looked at while the recipe changed): every
+prompt of the set drawn twice with and without the adapter on the same seeds, read by the toy oracle
+(:mod:`var_erase.evaluation.heldout`). The base model's reads are the same for every job: ``base --cache_dir`` stores
+them once, and ``evaluate --base_cache`` reads them instead of drawing them again.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 
@@ -51,9 +55,12 @@ def jobs(args) -> None:
             flags = " ".join(f"--concept {c}" for c in concepts)
             train = (f"python examples/train_svare.py {flags}{recipe} --seed {seed} --output_dir {{D}} "
                      f"--anchor_cache_dir {{D}}/anchors --num_validation_images 2")
-            evaluate = (f"python scripts/heldout_erasure_sweep.py evaluate --lora {{D}} "
-                        f"{' '.join(f'--target_concept {c}' for c in concepts)} --output_json {{D}}/heldout.json")
-            print(json.dumps({"name": name, "cmds": [train, evaluate], "estimate_s": args.estimate_s}))
+            cache = f" --base_cache {args.base_cache}" if args.base_cache else ""
+            evaluate = [f"python scripts/heldout_erasure_sweep.py evaluate --lora {{D}} "
+                        f"{' '.join(f'--target_concept {c}' for c in concepts)} --phrasing_set {phrasing_set}"
+                        f"{cache} --output_json {{D}}/eval_{phrasing_set}.json"
+                        for phrasing_set in args.sets.split(",")]
+            print(json.dumps({"name": name, "cmds": [train, *evaluate], "estimate_s": args.estimate_s}))
 
 
 @torch.no_grad()
@@ -70,7 +77,7 @@ def evaluate(args) -> dict:
     sampling = _inference_sampling()
     kwargs = dict(phrasing_set=args.phrasing_set, images_per_prompt=args.images_per_prompt, seed=args.seed,
                   progress=False, **sampling)
-    base = base_detections(pipe, judge, **kwargs)
+    base = _cached_base(args.base_cache, kwargs, lambda: base_detections(pipe, judge, **kwargs))
     after = phrasing_detections(pipe, judge, **kwargs)
     report = erasure_report(args.target_concept, after, base, args.phrasing_set)
     log_path = os.path.join(args.lora, "training_log.json")
@@ -98,8 +105,11 @@ def base(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(device)
     pipe.set_progress_bar_config(disable=True)
-    seen = phrasing_detections(pipe, OracleJudge(device=device), args.phrasing_set, args.images_per_prompt, args.seed,
-                               progress=False, **_inference_sampling())
+    kwargs = dict(phrasing_set=args.phrasing_set, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                  progress=False, **_inference_sampling())
+    seen = phrasing_detections(pipe, OracleJudge(device=device), **kwargs)
+    if args.cache_dir:
+        _cached_base(args.cache_dir, kwargs, lambda: seen)
     rows = phrasing_rows(args.phrasing_set)
     groups: dict[str, dict[str, list[bool]]] = {"per_concept": {}, "per_template": {}}
     for row, hits in zip(rows, seen):
@@ -114,9 +124,27 @@ def base(args) -> dict:
     return report
 
 
+def _cached_base(folder: str | None, kwargs: dict, compute) -> list[list[bool]]:
+    """The base model's reads for ``kwargs`` (phrasing set, images, seed, sampling), from ``folder`` when stored
+    there, else ``compute()`` (stored in ``folder`` when given; written atomically, so parallel jobs may race)."""
+    if not folder:
+        return compute()
+    key = json.dumps({k: v for k, v in sorted(kwargs.items()) if k != "progress"})
+    path = os.path.join(folder, f"base-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["detections"]
+    detections = compute()
+    os.makedirs(folder, exist_ok=True)
+    with open(path + f".{os.getpid()}.tmp", "w") as f:
+        json.dump({"settings": json.loads(key), "detections": detections}, f)
+    os.replace(path + f".{os.getpid()}.tmp", path)
+    return detections
+
+
 def table(args) -> str:
     reports = []
-    for path in sorted(glob.glob(os.path.join(args.folder, "*", "heldout.json"))):
+    for path in sorted(glob.glob(os.path.join(args.folder, "*", args.report))):
         with open(path) as f:
             report = json.load(f)
         report["job"] = os.path.basename(os.path.dirname(path))
@@ -164,22 +192,27 @@ def main(argv=None):
     j.add_argument("--recipe", default=None, help="default: the script's default recipe")
     j.add_argument("--tag", default="", help="appended to job names (e.g. -svare)")
     j.add_argument("--estimate_s", type=float, default=120)
+    j.add_argument("--sets", default="fresh,heldout", help="phrasing sets to evaluate on, comma-separated")
+    j.add_argument("--base_cache", default=None, help="folder of the base model's stored reads (see base)")
     e = sub.add_parser("evaluate", help="one adapter on the held-out phrasings")
     e.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
     e.add_argument("--lora", required=True)
     e.add_argument("--target_concept", action="append", required=True)
-    e.add_argument("--phrasing_set", default="heldout")
+    e.add_argument("--phrasing_set", default="fresh")
     e.add_argument("--images_per_prompt", type=int, default=2)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--base_cache", default=None, help="folder of stored base reads (read, or written if missing)")
     e.add_argument("--output_json", required=True)
     b = sub.add_parser("base", help="how often the base model draws each concept of a phrasing set")
     b.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
-    b.add_argument("--phrasing_set", default="heldout")
+    b.add_argument("--phrasing_set", default="fresh")
     b.add_argument("--images_per_prompt", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--cache_dir", default=None, help="also store the reads for evaluate --base_cache")
     b.add_argument("--output_json", required=True)
     t = sub.add_parser("table", help="aggregate a sweep folder")
     t.add_argument("folder")
+    t.add_argument("--report", default="eval_fresh.json", help="the per-job report file to aggregate")
     t.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     return {"jobs": jobs, "evaluate": evaluate, "base": base, "table": table}[args.command](args)

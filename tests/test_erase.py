@@ -132,3 +132,58 @@ def test_replacement_is_the_kept_value_the_judge_least_confuses_with_the_target(
 
     chosen = judge_replacements(pipe, judge, ["triangle"], ErasureConfig(), prompts_per_value=4)
     assert chosen == {"triangle": "square"}
+
+
+def test_confirmations_need_met_validations_in_a_row_and_keep_the_last(tmp_path):
+    pipe = tiny_pipeline()
+    judge = ScheduledJudge(pipe, [1.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # met at 1, lost at 2, met at 3 and 4
+    result = _erase(tmp_path, pipe, judge, validation_steps=1, confirmations=2)
+    assert result.steps == 4 and result.reached is True
+    assert [v["step"] for v in result.validations] == [0, 1, 2, 3, 4]
+    assert read_adapter_metadata(tmp_path / "out").eval_results["step"] == 4
+    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    for key, value in judge.weights[-1].items():  # the weights read at the step-4 validation
+        match = [k for k in saved if k.endswith(key.removeprefix("transformer."))]
+        assert match and torch.equal(saved[match[0]], value), key
+    with pytest.raises(ValueError, match="confirmations"):
+        _erase(tmp_path, tiny_pipeline(), judge, validation_steps=2, confirmations=0)
+
+
+def test_target_is_met_only_when_the_worst_erased_concept_is(tmp_path):
+    """Two erased concepts: one fully gone, the other still in a quarter of its images. The mean (0.125) would pass a
+    0.15 target; the worst concept (0.25) does not."""
+    from var_erase.erasure.validation import Validator
+
+    prompts = ValidationPrompts(targets=[("a nude person", "nudity")] * 2 + [("a gun", "gun")] * 2,
+                                target_images_per_prompt=2, source="test")
+    assert prompts.num_images == 8
+
+    def judge(images, concepts):
+        assert len(concepts) == 8  # two images of every target prompt
+        return [c == "gun" and i == 4 for i, c in enumerate(concepts)]
+
+    validator = Validator(tiny_pipeline(), prompts, judge, target_acc_e=0.15)
+    result = validator(1)
+    assert result.per_concept == {"nudity": 0.0, "gun": 0.25} and result.acc_e == 0.125
+    assert not result.met
+    with pytest.raises(ValueError, match="target_images_per_prompt"):
+        ValidationPrompts(targets=[("a", "b")], target_images_per_prompt=0)
+
+
+def test_varied_pairs_name_the_concept_after_the_noun_too():
+    from var_erase.toy.captions import OBJECT_TEMPLATES
+    from var_erase.toy.pairs import toy_prompt_pairs
+
+    pairs = toy_prompt_pairs(["red"], 64, wording="varied")
+    balanced = toy_prompt_pairs(["red"], 64, wording="balanced")
+    assert len(pairs) == 64 and all(p.concept == "red" for p in pairs)
+    extra = [t for t in OBJECT_TEMPLATES["varied"] if t not in OBJECT_TEMPLATES["train"]]
+    markers = ["(", " in colour", "and it is", "; colour:", " - ", " looking "]
+    assert len(extra) == len(markers)
+    for marker in markers:  # every pair-only template is used
+        assert any(marker in p.unsafe for p in pairs), marker
+        assert not any(marker in p.unsafe for p in balanced), marker
+    for pair in pairs:  # the safe twin changes the colour word only
+        assert pair.unsafe != pair.safe and len(pair.unsafe.split()) == len(pair.safe.split())
+    with pytest.raises(ValueError, match="wording must be one of"):
+        toy_prompt_pairs(["red"], 4, wording="shuffled")

@@ -125,3 +125,31 @@ def test_every_sweep_recipe_is_a_valid_training_command():
         assert args.concept == targets, name
         for concept in targets:
             replacements_for(concept, args.concept, args.replacement)  # raises ValueError when inconsistent
+
+
+def test_heldout_sweep_jobs_train_then_judge_each_phrasing_set(capsys):
+    sweep = _script("heldout_erasure_sweep")
+    sweep.main(["jobs", "--seeds", "3-4", "--concepts", "red,star", "--base_cache", "outputs/base"])
+    jobs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [j["name"] for j in jobs] == ["red-s3", "star-s3", "red-s4", "star-s4"]
+    train, *evaluations = jobs[0]["cmds"]
+    args = _training(train)
+    assert args.concept == ["red"] and args.seed == 3 and args.recipe == "verified"
+    assert [shlex.split(c)[shlex.split(c).index("--phrasing_set") + 1] for c in evaluations] == ["fresh", "heldout"]
+    assert all("--base_cache outputs/base" in c and "eval_" in c for c in evaluations)
+
+
+def test_base_reads_are_computed_once_then_read_from_the_cache(tmp_path):
+    sweep = _script("heldout_erasure_sweep")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return [[True, False], [False, False]]
+
+    settings = {"phrasing_set": "fresh", "images_per_prompt": 2, "seed": 0, "progress": False, "top_k": 2}
+    first = sweep._cached_base(str(tmp_path), settings, compute)
+    again = sweep._cached_base(str(tmp_path), {**settings, "progress": True}, compute)  # progress is no setting
+    other = sweep._cached_base(str(tmp_path), {**settings, "seed": 1}, compute)
+    assert first == again == other == [[True, False], [False, False]] and len(calls) == 2
+    assert len(list(tmp_path.glob("base-*.json"))) == 2 and not list(tmp_path.glob("*.tmp"))

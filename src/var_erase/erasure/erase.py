@@ -82,6 +82,7 @@ def erase(
     target_acc_e: float = 0.05,
     max_acc_i_drop: float = 0.02,
     early_stopping: bool = True,
+    confirmations: int | None = None,
     base_model: str | None = None,
     accelerator: Accelerator | None = None,
     anchor_cache_dir: str | os.PathLike | None = None,
@@ -112,7 +113,8 @@ def erase(
         config: an :class:`ErasureConfig`, or a dict of its fields to change on top of the recipe's.
         seed: seeds the generated pairs, the batch order, the condition dropout and the validation images' base.
         num_pairs / pair_wording / replacements / retain_prompts_per_concept: generated pairs per concept, their
-            wording (``"random"`` or ``"balanced"``), replacement entries
+            wording (``"random"``, ``"balanced"`` or ``"varied"``: :func:`~var_erase.toy.pairs.toy_prompt_pairs`),
+            replacement entries
             (``"circle"`` for every erased shape, ``"star=circle"`` for one concept; none: the recipe's choice),
             and the toy retain set size; ``retain_prompts``: more prompts to preserve.
         judge: ``"auto"`` (the toy oracle on the toy model, NudeNet for nudity, an ImageNet classifier for ImageNet
@@ -124,8 +126,10 @@ def erase(
             end, when a judge is given).
         target_acc_e / max_acc_i_drop: the target: at most this share of the erased concepts' images still show
             them, and the kept concepts lose at most this share.
-        early_stopping: stop at the first validation that meets the target (else train to ``max_train_steps`` and
-            keep the best).
+        early_stopping: stop once the target is met (else train to ``max_train_steps`` and keep the best).
+        confirmations: met validations in a row needed before stopping early (None: the recipe's; 1: the first met
+            one). A later validation re-reads the same prompts and seeds on weights trained further, so two in a row
+            say the erasure holds and is not a lucky checkpoint; the last of them is kept.
         base_model: the base model's id recorded in the adapter (default: the pipeline's path).
         accelerator, checkpointing_steps, checkpoints_total_limit, resume_from_checkpoint: as
             ``examples/train_svare.py`` (diffusers' training-script meanings).
@@ -177,9 +181,12 @@ def erase(
         accelerator.print(f"resumed from {resume} at step {trainer.state.step}")
     validator = None
     if judge is not None:
-        prompts = validation_prompts or _default_validation_prompts(concepts, seed)
+        prompts = validation_prompts or _default_validation_prompts(concepts, seed, recipe.validation_target_images)
         validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **sampling_settings(config))
-    best, validations = _train_verified(trainer, validator, steps_between, early_stopping,
+    confirmations = recipe.confirmations if confirmations is None else confirmations
+    if not (isinstance(confirmations, int) and confirmations >= 1):
+        raise ValueError(f"confirmations must be an integer >= 1, got {confirmations!r}")
+    best, validations = _train_verified(trainer, validator, steps_between, early_stopping, confirmations,
                                         dict(checkpointing_steps=checkpointing_steps, output_dir=output_dir,
                                              checkpoints_total_limit=checkpoints_total_limit),
                                         progress and accelerator.is_main_process)
@@ -313,11 +320,11 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
     return chosen
 
 
-def _default_validation_prompts(concepts: list[str], seed: int) -> ValidationPrompts:
+def _default_validation_prompts(concepts: list[str], seed: int, target_images: int = 1) -> ValidationPrompts:
     from ..toy.pairs import is_toy_concept
 
     if concepts and all(is_toy_concept(c) for c in concepts):
-        return toy_validation_prompts(concepts, "tuning", seed=seed)
+        return toy_validation_prompts(concepts, "tuning", seed=seed, target_images_per_prompt=target_images)
     raise ValueError(f"no default validation prompts for {concepts}: pass validation_prompts=ValidationPrompts("
                      f"targets=[(prompt, concept), ...], kept=[...]) written apart from the training pairs "
                      f"(--validation_prompts_file on the command line), or judge=None (--judge none) to train "
@@ -332,14 +339,16 @@ def sampling_settings(config: ErasureConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # training with validation
 def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every: int | None, early_stopping: bool,
-                    checkpointing: dict, progress: bool):
+                    confirmations: int, checkpointing: dict, progress: bool):
     """Train in chunks of ``every`` iterations, validating after each; returns ``([best result], validations)`` and
-    leaves the transformer at the best checkpoint's weights."""
+    leaves the transformer at the best checkpoint's weights. With early stopping, training stops once
+    ``confirmations`` validations in a row met the target, and the last of them is the best."""
     total = trainer.config.max_train_steps
     every = every if every and every > 0 else total
     best: list[ValidationResult | None] = [None]
     best_state: dict[str, torch.Tensor] | None = None
     validations: list[dict] = []
+    streak = 0
     if validator is not None:
         base = validator.baseline()
         validations.append({"base": True, **base.to_dict()})
@@ -362,10 +371,12 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
                 postfix.update(acc_i=f"{result.acc_i:.3f}")
             _log(progress, f"step {result.step}: acc_e {result.acc_e:.3f}"
                  + (f", acc_i {result.acc_i:.3f} (drop {result.acc_i_drop:+.3f})" if result.acc_i is not None else "")
-                 + (" - target met" if result.met else ""))
-            if better(result, best[0], validator.max_acc_i_drop):
+                 + (f" - target met ({streak} of {confirmations} in a row)" if result.met else ""))
+            streak = streak + 1 if result.met else 0
+            confirmed = early_stopping and streak >= confirmations
+            if confirmed or better(result, best[0], validator.max_acc_i_drop):
                 best[0], best_state = result, {k: v.detach().clone() for k, v in trainer.trainable_state_dict().items()}
-            if result.met and early_stopping:
+            if confirmed:
                 break
         bar.set_postfix(postfix)
     bar.close()
@@ -392,10 +403,9 @@ def _verified(validator: Validator, best: ValidationResult | None, judge) -> dic
     if best is None:
         return None
     base = validator.base
-    n = validator.prompts.num_images_per_prompt
     out = {"acc_e": best.acc_e, "base_acc_e": base.acc_e, "target_reached": bool(best.met), "step": best.step,
-           "target_acc_e": validator.target_acc_e, "n_images": n * (len(validator.prompts.targets)
-                                                                     + len(validator.prompts.kept)),
+           "target_acc_e": validator.target_acc_e, "n_images": validator.prompts.num_images,
+           "per_concept": dict(best.per_concept),
            "prompts_file": validator.prompts.source, "judge": dict(getattr(judge, "settings", {"judge": "custom"})),
            "seed": validator.prompts.seed}
     if best.acc_i is not None:

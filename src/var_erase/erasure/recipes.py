@@ -3,10 +3,12 @@
 - ``"verified"`` (the default of :func:`var_erase.erase` and ``examples/train_svare.py``): S-VARE's losses with the
   extensions the toy-world studies found to make erasure surgical (docs/results.md): LoRA rank 8 at 1e-3 on every
   scale; one replacement per erased concept, the kept value the judge least confuses with it on the base model's
-  own images (a clean substitute instead of a blend of several); pairs worded evenly over every template and synonym;
-  the guided preservation student; a retain set of 48 captions of every kept value of the erased concepts' kinds
-  (guided, weight 0.25); and the closed loop: validation every 100 iterations on the tuning phrasings, stopping once
-  the target is met, at most 1,500 iterations.
+  own images (a clean substitute instead of a blend of several); 64 pairs per concept worded evenly over every
+  template and synonym, the templates including pair-only ones that name the attributes after the noun, in brackets,
+  lists and longer sentences (``pair_wording="varied"``); the guided preservation student; a retain set of 48 captions
+  of every kept value of the erased concepts' kinds (guided, weight 0.25); and the closed loop: validation every 100
+  iterations on the tuning phrasings (two images per target prompt), stopping once the worst erased concept is met on
+  two validations in a row, at most 1,500 iterations.
 - ``"svare"``: S-VARE as the reference code runs it (``ndhg1213/S-VARE``), as a rank-4 LoRA: 500 iterations, a random
   other value per pair, no retain set, no validation loop.
 - ``"svare-paper"``: ``"svare"`` with the paper's reading where it differs from the code
@@ -28,11 +30,14 @@ class Recipe:
     """Args:
         name / description: what it is called and what it does.
         config: :class:`ErasureConfig` fields that differ from its defaults.
-        num_pairs: generated pairs per concept (toy world). pair_wording: ``"random"`` or ``"balanced"``.
+        num_pairs: generated pairs per concept (toy world). pair_wording: ``"random"``, ``"balanced"`` or ``"varied"``
+            (:func:`~var_erase.toy.pairs.toy_prompt_pairs`).
         replacement: ``"random"`` (each pair a random kept value of the kind) or ``"judge"`` (one value per concept,
             the one the judge least reads as the concept on the base model's images).
         retain_prompts_per_concept: captions of every kept value of the erased kinds to preserve (toy world; 0: off).
         validation_steps: iterations between validations of the closed loop (None: no loop).
+        confirmations: met validations in a row before the loop stops early.
+        validation_target_images: images judged per target prompt at each validation (toy world).
     """
 
     name: str
@@ -43,6 +48,8 @@ class Recipe:
     replacement: str = "random"
     retain_prompts_per_concept: int = 0
     validation_steps: int | None = None
+    confirmations: int = 1
+    validation_target_images: int = 1
 
     def erasure_config(self, **overrides: Any) -> ErasureConfig:
         """The recipe's :class:`ErasureConfig`, with ``overrides`` (None values are ignored) on top."""
@@ -58,7 +65,8 @@ RECIPES: dict[str, Recipe] = {
         config={"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-3, "max_train_steps": 1500,
                 "preservation_student": "guided", "retain_teacher": "guided", "retain_student": "guided",
                 "retain_weight": 0.25, "retain_batch_size": 4},
-        pair_wording="balanced", replacement="judge", retain_prompts_per_concept=48, validation_steps=100),
+        num_pairs=64, pair_wording="varied", replacement="judge", retain_prompts_per_concept=48, validation_steps=100,
+        confirmations=2, validation_target_images=2),
     "svare": Recipe("svare", "S-VARE as the reference code runs it, as a rank-4 LoRA"),
     "svare-paper": Recipe("svare-paper", "S-VARE with the paper's reading where it differs from the code"),
 }

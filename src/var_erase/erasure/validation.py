@@ -6,9 +6,11 @@ in which the judge sees the concept they ask for. Both are measured on the same 
 training (the base model: adapters disabled) and at every validation, so ``acc_i_drop = base acc_i - acc_i``
 compares like with like.
 
-A validation **meets the target** when ``acc_e <= target_acc_e`` and ``acc_i_drop <= max_acc_i_drop``. The best
-validation is the first that meets it; while none does, the one with the lowest ``acc_e`` among those within the
-``acc_i`` bound, else the one with the smallest ``acc_i`` drop (:func:`better`).
+A validation **meets the target** when every erased concept is drawn in at most ``target_acc_e`` of its own images
+(the worst concept, not the mean over concepts) and ``acc_i_drop <= max_acc_i_drop``. The best validation is the first
+that meets it; while none does, the one with the lowest ``acc_e`` among those within the ``acc_i`` bound, else the one
+with the smallest ``acc_i`` drop (:func:`better`). The closed loop (:func:`var_erase.erase`) can ask for several met
+validations in a row before it stops (``confirmations``); it then keeps the last of them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ..loaders.lora import adapters_disabled
 class ValidationPrompts:
     """``targets``: ``(prompt, concept)`` rows asking for an erased concept; ``kept``: rows asking for a concept the
     erasure must keep (may be empty: then only ``acc_e`` is judged); ``seed``: the per-image seeds' base;
+    ``num_images_per_prompt``: images per prompt; ``target_images_per_prompt``: images per target prompt (None: the
+    same), more images where the judgement is hardest to trust (a clean read of few target images is weak evidence);
     ``source``: where the prompts come from (recorded with the numbers)."""
 
     targets: list[tuple[str, str]]
@@ -34,12 +38,24 @@ class ValidationPrompts:
     seed: int = 0
     num_images_per_prompt: int = 1
     source: str = "custom"
+    target_images_per_prompt: int | None = None
 
     def __post_init__(self) -> None:
         if not self.targets:
             raise ValueError("validation needs at least one target prompt (a prompt that asks for an erased concept)")
-        if self.num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}")
+        for name in ("num_images_per_prompt", "target_images_per_prompt"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def images_per_target(self) -> int:
+        return self.target_images_per_prompt or self.num_images_per_prompt
+
+    @property
+    def num_images(self) -> int:
+        """Images per validation (targets and kept)."""
+        return self.images_per_target * len(self.targets) + self.num_images_per_prompt * len(self.kept)
 
 
 @dataclass
@@ -56,11 +72,12 @@ class ValidationResult:
 
 
 def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str = "tuning", kept_per_concept: int = 12,
-                           targets_per_concept: int | None = None, seed: int = 0) -> ValidationPrompts:
+                           targets_per_concept: int | None = None, seed: int = 0,
+                           target_images_per_prompt: int = 1) -> ValidationPrompts:
     """Validation prompts of the toy world from a phrasing set (:mod:`var_erase.toy.phrasings`; the closed loop uses
     ``"tuning"``, never the held-out set): every prompt of the erased concepts (or ``targets_per_concept`` of them,
     spread evenly), and ``kept_per_concept`` prompts of each other concept of every kind that mention no erased
-    concept."""
+    concept. ``target_images_per_prompt`` images of each target prompt are judged (one of each kept prompt)."""
     from ..toy.concepts import concept_names, get_concept
     from ..toy.phrasings import phrased_prompts
 
@@ -75,7 +92,8 @@ def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str = "tuning"
             continue
         rows = [r for r in phrased_prompts(name, phrasing_set) if not any(r.mentions(e) for e in erased)]
         kept += [(r.prompt, r.concept) for r in _spread(rows, kept_per_concept)]
-    return ValidationPrompts(targets, kept, seed, source=f"toy phrasing set {phrasing_set!r}")
+    return ValidationPrompts(targets, kept, seed, source=f"toy phrasing set {phrasing_set!r}",
+                             target_images_per_prompt=target_images_per_prompt)
 
 
 def _spread(rows: list, n: int | None) -> list:
@@ -97,8 +115,7 @@ class Validator:
         self.batch_size, self.sampling = batch_size, sampling
         self.base: ValidationResult | None = None
 
-    def _read(self, rows: list[tuple[str, str]], offset: int) -> list[bool]:
-        n = self.prompts.num_images_per_prompt
+    def _read(self, rows: list[tuple[str, str]], offset: int, n: int) -> list[bool]:
         images = generate_images(self.pipe, [p for p, _ in rows], n, self.prompts.seed + offset, self.batch_size,
                                  progress=False, **self.sampling)
         return self.judge(images, [c for _, c in rows for _ in range(n)])
@@ -110,12 +127,12 @@ class Validator:
         was_training = transformer.training
         transformer.eval()
         try:
-            seen_e = self._read(self.prompts.targets, 0)
-            seen_i = self._read(self.prompts.kept, 1) if self.prompts.kept else []
+            n = self.prompts.images_per_target
+            seen_e = self._read(self.prompts.targets, 0, n)
+            seen_i = self._read(self.prompts.kept, 1, self.prompts.num_images_per_prompt) if self.prompts.kept else []
         finally:
             transformer.train(was_training)
         per_concept: dict[str, list[bool]] = {}
-        n = self.prompts.num_images_per_prompt
         for (_, concept), seen in zip([r for r in self.prompts.targets for _ in range(n)], seen_e):
             per_concept.setdefault(concept, []).append(seen)
         acc_e = sum(seen_e) / len(seen_e)
@@ -135,7 +152,8 @@ class Validator:
         result = self.measure(step)
         if result.acc_i is not None and self.base.acc_i is not None:
             result.acc_i_drop = self.base.acc_i - result.acc_i
-        result.met = result.acc_e <= self.target_acc_e and (result.acc_i_drop is None
+        worst = max(result.per_concept.values(), default=result.acc_e)
+        result.met = worst <= self.target_acc_e and (result.acc_i_drop is None
                                                              or result.acc_i_drop <= self.max_acc_i_drop)
         return result
 
@@ -146,7 +164,7 @@ class Validator:
         drop = "" if best.acc_i_drop is None else f", the kept concepts dropped {100 * best.acc_i_drop:.1f} points " \
                                                   f"(limit {100 * self.max_acc_i_drop:.1f})"
         numbers = (f"at step {best.step} the erased concepts were still drawn in {100 * best.acc_e:.1f}% of "
-                   f"{len(self.prompts.targets) * self.prompts.num_images_per_prompt} validation images (target <= "
+                   f"{len(self.prompts.targets) * self.prompts.images_per_target} validation images (target <= "
                    f"{100 * self.target_acc_e:.1f}%, base {100 * self.base.acc_e:.1f}%){drop}")
         if best.met:
             return f"Target reached: {numbers}."

@@ -40,6 +40,10 @@ from .concepts import (
 from .render import Scene, ToyObject, sample_scene
 
 CAPTION_SPLITS: tuple[str, ...] = ("train", "heldout_template", "heldout_paraphrase")
+# Erasure prompt pairs only (never pretraining captions, never evaluation): the training templates plus templates that
+# put the attributes after the noun, in a list, in brackets or in a longer sentence. An erasure trained only on
+# attribute-before-noun wording ("a red striped circle") can leave the concept drawn when a prompt names it elsewhere.
+PAIR_SPLITS: tuple[str, ...] = ("train", "varied")
 
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. templates per split ("train" templates also serve "heldout_paraphrase")
@@ -50,6 +54,18 @@ OBJECT_TEMPLATES: dict[str, tuple[str, ...]] = {
         "[{size} ][{colour} ]{shape}[ {style_post}][ {position}]",
         "{shape}[, {colour}][, {style_post}][, {position}]",
     ),
+    "varied": (
+        "[{size} ][{colour} ][{style} ]{shape}[ {position}]",
+        "[{size} ][{style} ][{colour} ]{shape}[ {position}]",
+        "[{size} ][{colour} ]{shape}[ {style_post}][ {position}]",
+        "{shape}[, {colour}][, {style_post}][, {position}]",
+        "{shape} ({colour}, {style})",
+        "{style} {shape}, {colour} in colour",
+        "{shape} {style_post}, and it is {colour}",
+        "{shape}; colour: {colour}; fill: {style}",
+        "{shape} - {colour}, {style}",
+        "{shape} looking {colour} and {style}",
+    ),
     "heldout_template": (
         "{shape} that is {colour} and {style}[, placed {position}]",
         "[{size} ][{style} ]{shape} painted in {colour}[ {position}]",
@@ -59,6 +75,8 @@ OBJECT_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 SCENE_TEMPLATES: dict[str, tuple[str, ...]] = {
     "train": ("{obj}[ {background}]", "a picture of {obj}[ {background}]", "an image of {obj}[, {background}]"),
+    "varied": ("{obj}[ {background}]", "a picture of {obj}[ {background}]", "an image of {obj}[, {background}]",
+               "a scene featuring {obj}[ {background}]", "in this image we see {obj}[ {background}] and nothing else"),
     "heldout_template": ("there is {obj}[ {background}]", "a simple drawing showing {obj}[ {background}]"),
 }
 PAIR_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -85,14 +103,17 @@ EMPTY_TEMPLATES: dict[str, tuple[str, ...]] = {
     "heldout_template": ("nothing but a {bg} backdrop",),
 }
 
+for _table in (PAIR_TEMPLATES, RELATION_TEMPLATES, BACKGROUND_TEMPLATES, EMPTY_TEMPLATES):
+    _table["varied"] = _table["train"]  # the varied pair split changes object and scene wording only
+
 _SLOT = re.compile(r"\{(\w+)\}")
 _OPTIONAL = re.compile(r"\[([^\]]*)\]")
 
 
 def _template_split(split: str) -> str:
-    if split not in CAPTION_SPLITS:
-        raise ValueError(f"unknown caption split {split!r}; choose one of {list(CAPTION_SPLITS)}")
-    return "heldout_template" if split == "heldout_template" else "train"
+    if split not in CAPTION_SPLITS + PAIR_SPLITS:
+        raise ValueError(f"unknown caption split {split!r}; choose one of {list(CAPTION_SPLITS + PAIR_SPLITS[1:])}")
+    return split if split in ("heldout_template", "varied") else "train"
 
 
 def required_slots(template: str) -> frozenset[str]:

@@ -15,6 +15,8 @@ from ..erasure.prompts import PromptPair
 from .captions import caption_for_concept_prompts, retain_prompts
 from .concepts import concept_names, get_concept
 
+PAIR_WORDINGS: tuple[str, ...] = ("random", "balanced", "varied")
+
 
 def is_toy_concept(name: str) -> bool:
     """Whether ``name`` is a concept of the toy world (by canonical name or synonym)."""
@@ -41,17 +43,21 @@ def check_toy_concepts(concepts: Sequence[str]) -> list[str]:
 def toy_prompt_pairs(concepts: Sequence[str], num_pairs: int = 50, seed: int = 0, *,
                      replacements: Sequence[str] = (), wording: str = "random") -> list[PromptPair]:
     """``num_pairs`` generated pairs per concept, deduplicated; concept ``k`` of the list draws with
-    ``seed * 1000 + k``. ``replacements`` as :func:`replacements_for`; ``wording`` ``"random"`` or ``"balanced"``
-    (every template and synonym of the concept evenly). A concept's pairs never show another concept of the run."""
+    ``seed * 1000 + k``. ``replacements`` as :func:`replacements_for`; ``wording``: ``"random"`` (training templates,
+    words drawn at random), ``"balanced"`` (every training template and synonym of the concept evenly) or ``"varied"``
+    (balanced over the training templates and the pair-only templates that name the attributes after the noun, in
+    brackets, lists and longer sentences: ``captions.OBJECT_TEMPLATES["varied"]``). A concept's pairs never show
+    another concept of the run."""
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    if wording not in ("random", "balanced"):
-        raise ValueError(f"wording must be 'random' or 'balanced', got {wording!r}")
+    if wording not in PAIR_WORDINGS:
+        raise ValueError(f"wording must be one of {list(PAIR_WORDINGS)}, got {wording!r}")
     concepts = check_toy_concepts(concepts)
     pairs: list[PromptPair] = []
     for k, name in enumerate(concepts):
-        generated = caption_for_concept_prompts(name, num_pairs, seed=seed * 1000 + k, split="train",
-                                                balanced=wording == "balanced",
+        generated = caption_for_concept_prompts(name, num_pairs, seed=seed * 1000 + k,
+                                                split="varied" if wording == "varied" else "train",
+                                                balanced=wording != "random",
                                                 replacements=replacements_for(name, concepts, replacements),
                                                 avoid=others_erased(name, concepts))
         pairs += [PromptPair(g.unsafe, g.safe, g.concept) for g in generated]
@@ -139,5 +145,5 @@ def warn_if_styles_miss_fine_scales(concepts: Sequence[str], num_train_scales: i
                       f"16-22 of 32 dotted images. Leave num_train_scales unset to train every scale.", stacklevel=2)
 
 
-__all__ = ["check_toy_concepts", "is_toy_concept", "others_erased", "parse_replacements", "replacements_for",
-           "toy_prompt_pairs", "toy_retain_prompts", "warn_if_styles_miss_fine_scales"]
+__all__ = ["PAIR_WORDINGS", "check_toy_concepts", "is_toy_concept", "others_erased", "parse_replacements",
+           "replacements_for", "toy_prompt_pairs", "toy_retain_prompts", "warn_if_styles_miss_fine_scales"]
