@@ -55,6 +55,33 @@ def quantize_rowwise(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_fp8, scale_M1
 
 
+_COMPILED: dict[str, object] = {}
+
+
+def _fused(fn):
+    """``fn`` compiled once (dynamic shapes) on CUDA, where eager would run it as 5-6 memory-bound kernels: the
+    quantization then costs one pass over the activations instead of costing more than the FP8 matmul saves. On the
+    CPU (tests) and inside an outer ``torch.compile`` (which fuses it anyway) ``fn`` itself runs."""
+    def run(x: torch.Tensor, *args):
+        if x.device.type != "cuda" or torch.compiler.is_compiling():
+            return fn(x, *args)
+        if fn.__name__ not in _COMPILED:
+            _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return _COMPILED[fn.__name__](x, *args)
+    return run
+
+
+quantize_rowwise_fused = _fused(quantize_rowwise)
+
+
+def dequantize_rowwise(w_fp8_NK: torch.Tensor, w_scale_1N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) ``w_fp8 * scale`` in ``dtype``: the weight an FP8 layer multiplies by."""
+    return (w_fp8_NK.float() * w_scale_1N.t()).to(dtype)
+
+
+dequantize_rowwise_fused = _fused(dequantize_rowwise)
+
+
 def fp8_matmul(x_MK: torch.Tensor, w_fp8_NK: torch.Tensor, w_scale_1N: torch.Tensor, use_fast_accum: bool = False
                ) -> torch.Tensor:
     """``x @ w.T`` (M, N) in bf16, with ``x`` quantized per row here and ``w`` given as e4m3 rows and their scales.
@@ -63,7 +90,7 @@ def fp8_matmul(x_MK: torch.Tensor, w_fp8_NK: torch.Tensor, w_scale_1N: torch.Ten
     column-major: ``w_fp8_NK.t()`` is, for a contiguous ``(N, K)`` weight. Row-wise scales: ``scale_a`` (M, 1),
     ``scale_b`` (1, N), both float32 and contiguous, with a bf16 result.
     """
-    x_fp8, x_scale_M1 = quantize_rowwise(x_MK)
+    x_fp8, x_scale_M1 = quantize_rowwise_fused(x_MK)
     return torch._scaled_mm(x_fp8, w_fp8_NK.t(), scale_a=x_scale_M1, scale_b=w_scale_1N,
                             out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
 
@@ -79,7 +106,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_MN):  # noqa: D102 - see the class
         w_fp8_NK, w_scale_1N = ctx.saved_tensors
-        w_NK = (w_fp8_NK.float() * w_scale_1N.t()).to(grad_MN.dtype)  # dequantized: the weight the forward used
+        w_NK = dequantize_rowwise_fused(w_fp8_NK, w_scale_1N, grad_MN.dtype)  # the weight the forward used
         return grad_MN @ w_NK, None, None, None
 
 
@@ -105,7 +132,8 @@ class FP8Linear(nn.Linear):
 
     def dequantized_weight(self) -> torch.Tensor:
         """(N, K) float32: the weight the FP8 forward multiplies by."""
-        return self.weight_fp8_bits.view(torch.float8_e4m3fn).float() * self.weight_scale_bits.view(torch.float32).t()
+        return dequantize_rowwise(self.weight_fp8_bits.view(torch.float8_e4m3fn),
+                                  self.weight_scale_bits.view(torch.float32), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad and torch.is_grad_enabled():
@@ -174,7 +202,25 @@ def enable_fp8(root: nn.Module, use_fast_accum: bool = False) -> dict[str, list[
         report["converted"].append(name)
     if candidates and not report["converted"]:
         raise ValueError(f"no linear layer could be converted to FP8: {report['skipped']}")
+    _warm_up(root)
     return report
+
+
+def _warm_up(root: nn.Module) -> None:
+    """On CUDA, compile the fused quantization now, once per input width and dtype, rather than in the first
+    generation (where a CUDA-graph warm-up or a timed call would pay for it)."""
+    seen = set()
+    for module in root.modules():
+        if type(module) is FP8Linear and module.weight.is_cuda:
+            key = (module.in_features, module.weight.dtype)
+            if key not in seen:
+                seen.add(key)
+                for rows in (1, 3):  # one token (scale 0 at batch 1) is a shape of its own; then dynamic
+                    x = torch.ones(rows, module.in_features, dtype=module.weight.dtype, device=module.weight.device)
+                    with torch.no_grad():
+                        module(x)
+                    with torch.inference_mode():
+                        module(x)
 
 
 def disable_fp8(root: nn.Module) -> list[str]:
