@@ -110,6 +110,7 @@ def teacher_forced_drift(pipe, prompt: str, guidance_scale: float, seed: int, fa
             "kl_mean": float(np.mean([r["kl_mean"] for r in per_scale])),
             "kl_max": max(r["kl_max"] for r in per_scale),
             "argmax_flip_share_max": max(r["argmax_flip_share"] for r in per_scale),
+            "logit_rel_l2_max": max(r["logit_rel_l2"] for r in per_scale),
             "per_scale": per_scale}
 
 
