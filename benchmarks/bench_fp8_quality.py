@@ -72,7 +72,7 @@ def bit_drift(logits_ref_BL2d: torch.Tensor, logits_new_BL2d: torch.Tensor, sche
     batch, length = logits_ref_BL2d.shape[:2]
     logp_ref = logits_ref_BL2d.float().view(batch, length, -1, 2).log_softmax(-1)
     logp_new = logits_new_BL2d.float().view(batch, length, -1, 2).log_softmax(-1)
-    kl_BLd = (logp_ref.exp() * (logp_ref - logp_new)).sum(-1)
+    kl_BLd = (logp_ref.exp() * (logp_ref - logp_new)).sum(-1).clamp(min=0)  # >= 0 up to float rounding
     flips_BLd = logp_ref.argmax(-1) != logp_new.argmax(-1)
     rows = []
     for k, (h, w) in enumerate(schedule.grids):

@@ -96,18 +96,20 @@ def fp8_matmul(x_MK: torch.Tensor, w_fp8_NK: torch.Tensor, w_scale_1N: torch.Ten
 
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """``y = x @ (w_fp8 * scale).T`` through :func:`fp8_matmul`; the backward gives the input's gradient only."""
+    """``y = x @ (w_fp8 * scale).T`` in ``out_dtype`` through :func:`fp8_matmul`; the backward gives the input's
+    gradient only, ``grad_y @ (w_fp8 * scale)`` in the gradient's dtype (``out_dtype``)."""
 
     @staticmethod
-    def forward(ctx, x_MK, w_fp8_NK, w_scale_1N, use_fast_accum: bool):  # noqa: D102 - see the class
+    def forward(ctx, x_MK, w_fp8_NK, w_scale_1N, use_fast_accum: bool, out_dtype: torch.dtype):  # noqa: D102
         ctx.save_for_backward(w_fp8_NK, w_scale_1N)
-        return fp8_matmul(x_MK, w_fp8_NK, w_scale_1N, use_fast_accum)
+        ctx.x_dtype = x_MK.dtype
+        return fp8_matmul(x_MK, w_fp8_NK, w_scale_1N, use_fast_accum).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_MN):  # noqa: D102 - see the class
         w_fp8_NK, w_scale_1N = ctx.saved_tensors
         w_NK = dequantize_rowwise_fused(w_fp8_NK, w_scale_1N, grad_MN.dtype)  # the weight the forward used
-        return grad_MN @ w_NK, None, None, None
+        return (grad_MN @ w_NK).to(ctx.x_dtype), None, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -145,9 +147,8 @@ class FP8Linear(nn.Linear):
             x_MK = x_MK.contiguous()
         w_fp8_NK = self.weight_fp8_bits.view(torch.float8_e4m3fn)
         w_scale_1N = self.weight_scale_bits.view(torch.float32)
-        y_MN = _FP8LinearFunction.apply(x_MK, w_fp8_NK, w_scale_1N, self.use_fast_accum)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        y_MN = y_MN.to(out_dtype)
+        y_MN = _FP8LinearFunction.apply(x_MK, w_fp8_NK, w_scale_1N, self.use_fast_accum, out_dtype)
         if self.bias is not None:
             y_MN = y_MN + self.bias.to(out_dtype)
         return y_MN.view(*x.shape[:-1], self.out_features)
