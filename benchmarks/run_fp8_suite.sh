@@ -15,7 +15,9 @@
 # SUITE_BUDGET_S (290: no step runs past it; a step that would start with less than 10 s left is skipped),
 # SUITE_CONFIG (infinity-2b; "tiny" with SUITE_DEVICE=cpu is the CPU smoke run of the tests), SUITE_DEVICE (cuda),
 # SUITE_SMALL (unset; 1: the smallest counts, for the smoke run), FP8_ARGS (extra flags of the FP8 runs and the
-# quality script, e.g. "--fp8_fast_accum").
+# quality script, e.g. "--fp8_fast_accum"), SUITE_STEPS (default "sampling erasure quality": a subset runs only
+# those), SUITE_COMPILE (unset; 1: sampling with --compile --compile_vae, about 50 s of compilation per process: run
+# it with SUITE_STEPS=sampling).
 set -u
 : "${OUT:?set OUT to the folder the JSON files go to}"
 PYTHON=${PYTHON:-python}
@@ -35,6 +37,8 @@ else
     ERASURE_ARGS=(--warmup 2 --iters 3 --anchor_prompts 4 --anchor_batch_size 2)
     QUALITY_ARGS=(--toy_prompts 64 --toy_images_per_prompt 2 --grid_prompts 8)
 fi
+[ -z "${SUITE_COMPILE:-}" ] || SAMPLING_ARGS+=(--compile --compile_vae)
+STEPS=" ${SUITE_STEPS:-sampling erasure quality} "
 COMMON=(--config "$CONFIG" --device "$DEVICE")
 read -r -a EXTRA <<< "${FP8_ARGS:-}"
 
@@ -55,12 +59,20 @@ step() {  # step NAME LIMIT_S ARGS...: run one benchmark, its JSON to $OUT/NAME.
 
 suite_start=$SECONDS
 BUDGET=${SUITE_BUDGET_S:-290}
-step sampling_bf16 "${SAMPLING_S:-70}" benchmarks/bench_sampling.py "${COMMON[@]}" "${SAMPLING_ARGS[@]}"
-step sampling_fp8 "${SAMPLING_S:-70}" benchmarks/bench_sampling.py "${COMMON[@]}" "${SAMPLING_ARGS[@]}" --fp8 "${EXTRA[@]}"
-step erasure_bf16 "${ERASURE_S:-90}" benchmarks/bench_erasure.py "${COMMON[@]}" "${ERASURE_ARGS[@]}"
-step erasure_fp8 "${ERASURE_S:-90}" benchmarks/bench_erasure.py "${COMMON[@]}" "${ERASURE_ARGS[@]}" --fp8 "${EXTRA[@]}"
-step fp8_quality "${QUALITY_S:-70}" benchmarks/bench_fp8_quality.py "${COMMON[@]}" "${QUALITY_ARGS[@]}" "${EXTRA[@]}" \
-    --grid "$OUT/fp8_grid.png"
+if [[ $STEPS == *" sampling "* ]]; then
+    step sampling_bf16 "${SAMPLING_S:-70}" benchmarks/bench_sampling.py "${COMMON[@]}" "${SAMPLING_ARGS[@]}"
+    step sampling_fp8 "${SAMPLING_S:-70}" benchmarks/bench_sampling.py "${COMMON[@]}" "${SAMPLING_ARGS[@]}" --fp8 \
+        "${EXTRA[@]}"
+fi
+if [[ $STEPS == *" erasure "* ]]; then
+    step erasure_bf16 "${ERASURE_S:-90}" benchmarks/bench_erasure.py "${COMMON[@]}" "${ERASURE_ARGS[@]}"
+    step erasure_fp8 "${ERASURE_S:-90}" benchmarks/bench_erasure.py "${COMMON[@]}" "${ERASURE_ARGS[@]}" --fp8 \
+        "${EXTRA[@]}"
+fi
+if [[ $STEPS == *" quality "* ]]; then
+    step fp8_quality "${QUALITY_S:-70}" benchmarks/bench_fp8_quality.py "${COMMON[@]}" "${QUALITY_ARGS[@]}" \
+        "${EXTRA[@]}" --grid "$OUT/fp8_grid.png"
+fi
 echo "[fp8 suite] all steps: $((SECONDS - suite_start)) s" >&2
 
 "$PYTHON" benchmarks/fp8_summary.py "$OUT"
