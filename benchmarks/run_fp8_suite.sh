@@ -11,8 +11,8 @@
 # or runs out of time leaves its log in $OUT and the summary says so. Sized for about 240 s on an H100; the
 # summary can be redone from the files: python benchmarks/fp8_summary.py $OUT.
 #
-# Environment: OUT (required), PYTHON (default python), SAMPLING_S (70), ERASURE_S (90), QUALITY_S (70) per step,
-# SUITE_BUDGET_S (290: no step runs past it; a step that would start with less than 10 s left is skipped),
+# Environment: OUT (required), PYTHON (default python3, else python), SAMPLING_S (70), ERASURE_S (90), QUALITY_S (70) per step,
+# SUITE_BUDGET_S (280: no step runs past it; a step that would start with less than 10 s left is skipped),
 # SUITE_CONFIG (infinity-2b; "tiny" with SUITE_DEVICE=cpu is the CPU smoke run of the tests), SUITE_DEVICE (cuda),
 # SUITE_SMALL (unset; 1: the smallest counts, for the smoke run), FP8_ARGS (extra flags of the FP8 runs and the
 # quality script, e.g. "--fp8_fast_accum"), SUITE_STEPS (default "sampling erasure quality": a subset runs only
@@ -20,7 +20,7 @@
 # it with SUITE_STEPS=sampling).
 set -u
 : "${OUT:?set OUT to the folder the JSON files go to}"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 CONFIG=${SUITE_CONFIG:-infinity-2b}
 DEVICE=${SUITE_DEVICE:-cuda}
 mkdir -p "$OUT"
@@ -58,7 +58,7 @@ step() {  # step NAME LIMIT_S ARGS...: run one benchmark, its JSON to $OUT/NAME.
 }
 
 suite_start=$SECONDS
-BUDGET=${SUITE_BUDGET_S:-290}
+BUDGET=${SUITE_BUDGET_S:-280}
 if [[ $STEPS == *" sampling "* ]]; then
     step sampling_bf16 "${SAMPLING_S:-70}" benchmarks/bench_sampling.py "${COMMON[@]}" "${SAMPLING_ARGS[@]}"
     step sampling_fp8 "${SAMPLING_S:-70}" benchmarks/bench_sampling.py "${COMMON[@]}" "${SAMPLING_ARGS[@]}" --fp8 \
