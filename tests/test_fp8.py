@@ -83,6 +83,20 @@ def test_fp8_linear_matches_the_linear_within_the_e4m3_tolerance(dtype):
     torch.testing.assert_close(got.reshape(-1, 48), reference, rtol=1e-2, atol=1e-2)
 
 
+def test_the_bias_in_the_matmul_epilogue_matches_the_bias_added_after_it(monkeypatch):
+    import var_erase.models.fp8 as fp8
+
+    layer = _linear()
+    enable_fp8(layer)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused = layer(x)
+        monkeypatch.setitem(fp8._FUSED_BIAS, "cpu", False)  # the path of a device whose _scaled_mm refuses a bias
+        separate = layer(x)
+    assert not torch.equal(fused, separate)  # two paths: one rounding to bf16 instead of two
+    torch.testing.assert_close(fused, separate, rtol=1e-2, atol=1e-2)
+
+
 def test_rowwise_quantization_keeps_every_row_within_e4m3_range_and_handles_zero_rows():
     w = torch.randn(4, 32) * torch.tensor([[1e-3], [1.0], [1e3], [0.0]])
     w_fp8, scale = quantize_rowwise(w)

@@ -6,7 +6,7 @@ attention q/k/v/out, cross-attention q/k/v/out, the FFN's two projections) into 
 - the weight is quantized once to ``float8_e4m3fn`` with one float32 scale per output row (``amax(row) / 448``);
 - at every call the input is quantized per token (one scale per row of the flattened input, ``amax / 448``);
 - ``torch._scaled_mm`` multiplies them with row-wise scaling, float32 accumulation and a bf16 result, cast to the
-  input's dtype; the bias is added after it in that dtype.
+  input's dtype; a bf16 bias is added in the matmul's epilogue (a bias of another dtype after it, in the output's).
 
 The original weight stays the layer's ``weight`` parameter, unchanged: :func:`disable_fp8` only drops the FP8 copy
 and restores the class, so the bf16 path afterwards is bitwise the one before. PEFT sees an ``nn.Linear`` (the class
@@ -82,16 +82,22 @@ def dequantize_rowwise(w_fp8_NK: torch.Tensor, w_scale_1N: torch.Tensor, dtype: 
 dequantize_rowwise_fused = _fused(dequantize_rowwise)
 
 
-def fp8_matmul(x_MK: torch.Tensor, w_fp8_NK: torch.Tensor, w_scale_1N: torch.Tensor, use_fast_accum: bool = False
-               ) -> torch.Tensor:
-    """``x @ w.T`` (M, N) in bf16, with ``x`` quantized per row here and ``w`` given as e4m3 rows and their scales.
+# whether torch._scaled_mm takes a bf16 bias with row-wise scales on this device type (added to the float32
+# accumulator in the matmul's epilogue); probed by enable_fp8's warm-up on CUDA, where a refusal turns it off
+_FUSED_BIAS = {"cpu": True, "cuda": True}
+
+
+def fp8_matmul(x_MK: torch.Tensor, w_fp8_NK: torch.Tensor, w_scale_1N: torch.Tensor,
+               bias_N: torch.Tensor | None = None, use_fast_accum: bool = False) -> torch.Tensor:
+    """``x @ w.T + bias`` (M, N) in bf16, with ``x`` quantized per row here and ``w`` given as e4m3 rows and their
+    scales; ``bias_N`` must be bf16 (it is added in the epilogue).
 
     ``torch._scaled_mm`` (the same keywords in torch 2.4-2.13) wants the first operand row-major and the second
     column-major: ``w_fp8_NK.t()`` is, for a contiguous ``(N, K)`` weight. Row-wise scales: ``scale_a`` (M, 1),
     ``scale_b`` (1, N), both float32 and contiguous, with a bf16 result.
     """
     x_fp8, x_scale_M1 = quantize_rowwise_fused(x_MK)
-    return torch._scaled_mm(x_fp8, w_fp8_NK.t(), scale_a=x_scale_M1, scale_b=w_scale_1N,
+    return torch._scaled_mm(x_fp8, w_fp8_NK.t(), scale_a=x_scale_M1, scale_b=w_scale_1N, bias=bias_N,
                             out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
 
 
@@ -100,16 +106,16 @@ class _FP8LinearFunction(torch.autograd.Function):
     gradient only, ``grad_y @ (w_fp8 * scale)`` in the gradient's dtype (``out_dtype``)."""
 
     @staticmethod
-    def forward(ctx, x_MK, w_fp8_NK, w_scale_1N, use_fast_accum: bool, out_dtype: torch.dtype):  # noqa: D102
+    def forward(ctx, x_MK, w_fp8_NK, w_scale_1N, bias_N, use_fast_accum: bool, out_dtype: torch.dtype):  # noqa: D102
         ctx.save_for_backward(w_fp8_NK, w_scale_1N)
         ctx.x_dtype = x_MK.dtype
-        return fp8_matmul(x_MK, w_fp8_NK, w_scale_1N, use_fast_accum).to(out_dtype)
+        return fp8_matmul(x_MK, w_fp8_NK, w_scale_1N, bias_N, use_fast_accum).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_MN):  # noqa: D102 - see the class
         w_fp8_NK, w_scale_1N = ctx.saved_tensors
         w_NK = dequantize_rowwise_fused(w_fp8_NK, w_scale_1N, grad_MN.dtype)  # the weight the forward used
-        return (grad_MN @ w_NK).to(ctx.x_dtype), None, None, None, None
+        return (grad_MN @ w_NK).to(ctx.x_dtype), None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -138,18 +144,22 @@ class FP8Linear(nn.Linear):
                                   self.weight_scale_bits.view(torch.float32), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.requires_grad and torch.is_grad_enabled():
+        trainable = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if trainable and torch.is_grad_enabled():
             raise RuntimeError(
-                "an FP8 linear layer is frozen but its weight requires a gradient: freeze the base weights "
-                "(weight.requires_grad_(False), as LoRA training does) or call transformer.disable_fp8() to train them")
+                "an FP8 linear layer is frozen but its weight or bias requires a gradient: freeze the base weights "
+                "(requires_grad_(False), as LoRA training does) or call transformer.disable_fp8() to train them")
         x_MK = x.reshape(-1, self.in_features)
         if not x_MK.is_contiguous():
             x_MK = x_MK.contiguous()
         w_fp8_NK = self.weight_fp8_bits.view(torch.float8_e4m3fn)
         w_scale_1N = self.weight_scale_bits.view(torch.float32)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        y_MN = _FP8LinearFunction.apply(x_MK, w_fp8_NK, w_scale_1N, self.use_fast_accum, out_dtype)
-        if self.bias is not None:
+        fused = (self.bias is not None and self.bias.dtype == torch.bfloat16 and out_dtype == torch.bfloat16
+                 and _FUSED_BIAS.get(x.device.type, False))
+        y_MN = _FP8LinearFunction.apply(x_MK, w_fp8_NK, w_scale_1N, self.bias if fused else None,
+                                        self.use_fast_accum, out_dtype)
+        if self.bias is not None and not fused:
             y_MN = y_MN + self.bias.to(out_dtype)
         return y_MN.view(*x.shape[:-1], self.out_features)
 
@@ -218,10 +228,22 @@ def _warm_up(root: nn.Module) -> None:
                 seen.add(key)
                 for rows in (1, 3):  # one token (scale 0 at batch 1) is a shape of its own; then dynamic
                     x = torch.ones(rows, module.in_features, dtype=module.weight.dtype, device=module.weight.device)
-                    with torch.no_grad():
-                        module(x)
+                    _probe_fused_bias(module, x)
                     with torch.inference_mode():
                         module(x)
+
+
+def _probe_fused_bias(module: FP8Linear, x: torch.Tensor) -> None:
+    """Run ``module(x)``; if ``_scaled_mm`` refuses the bias in its epilogue on this device, add it afterwards from
+    now on (a separate elementwise kernel)."""
+    with torch.no_grad():
+        try:
+            module(x)
+        except RuntimeError:
+            if module.bias is None or not _FUSED_BIAS.get(x.device.type, False):
+                raise
+            _FUSED_BIAS[x.device.type] = False
+            module(x)
 
 
 def disable_fp8(root: nn.Module) -> list[str]:
