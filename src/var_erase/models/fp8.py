@@ -55,15 +55,16 @@ def quantize_rowwise(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_fp8, scale_M1
 
 
-_COMPILED: dict[str, object] = {}
+_COMPILED: dict[str, object] = {"enabled": True}
 
 
 def _fused(fn):
     """``fn`` compiled once (dynamic shapes) on CUDA, where eager would run it as 5-6 memory-bound kernels: the
     quantization then costs one pass over the activations instead of costing more than the FP8 matmul saves. On the
-    CPU (tests) and inside an outer ``torch.compile`` (which fuses it anyway) ``fn`` itself runs."""
+    CPU (tests), inside an outer ``torch.compile`` (which fuses it anyway) and where compiling failed at
+    :func:`enable_fp8` (a warning says so) ``fn`` itself runs."""
     def run(x: torch.Tensor, *args):
-        if x.device.type != "cuda" or torch.compiler.is_compiling():
+        if x.device.type != "cuda" or torch.compiler.is_compiling() or not _COMPILED["enabled"]:
             return fn(x, *args)
         if fn.__name__ not in _COMPILED:
             _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
@@ -228,9 +229,31 @@ def _warm_up(root: nn.Module) -> None:
                 seen.add(key)
                 for rows in (1, 3):  # one token (scale 0 at batch 1) is a shape of its own; then dynamic
                     x = torch.ones(rows, module.in_features, dtype=module.weight.dtype, device=module.weight.device)
+                    _compile_kernels(module, x)
                     _probe_fused_bias(module, x)
                     with torch.inference_mode():
                         module(x)
+
+
+def _compile_kernels(module: FP8Linear, x: torch.Tensor) -> None:
+    """Compile the fused quantization (no-grad and inference mode) and dequantization for ``x``'s shape; if the
+    compiler fails here, warn and run them eagerly from now on (slower, same numbers)."""
+    if not _COMPILED["enabled"]:
+        return
+    w_fp8_NK = module.weight_fp8_bits.view(torch.float8_e4m3fn)
+    w_scale_1N = module.weight_scale_bits.view(torch.float32)
+    try:
+        with torch.no_grad():
+            quantize_rowwise_fused(x)
+            dequantize_rowwise_fused(w_fp8_NK, w_scale_1N, x.dtype)
+        with torch.inference_mode():
+            quantize_rowwise_fused(x)
+    except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to the eager kernels
+        import warnings
+
+        _COMPILED["enabled"] = False
+        warnings.warn(f"FP8: compiling the activation quantization failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); it runs eagerly (slower)", stacklevel=3)
 
 
 def _probe_fused_bias(module: FP8Linear, x: torch.Tensor) -> None:
