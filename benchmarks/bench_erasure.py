@@ -42,6 +42,7 @@ Examples::
 
     PYTHONPATH=src python benchmarks/bench_erasure.py --output_json outputs/bench/erasure_lora.json
     PYTHONPATH=src python benchmarks/bench_erasure.py --full_finetune --output_json outputs/bench/erasure_full.json
+    PYTHONPATH=src python benchmarks/bench_erasure.py --fp8 --output_json outputs/bench/erasure_lora_fp8.json
     PYTHONPATH=src python benchmarks/bench_erasure.py --config tiny --device cpu --warmup 1 --iters 2
 """
 
