@@ -127,10 +127,14 @@ def load_toy(device: torch.device):
     return pipe
 
 
-def set_toy_variant(pipe, variant: str, fast_accum: bool) -> None:
-    """Blocks in float32 or bf16 (the rest of the model as loaded), or bf16 blocks with FP8 linears."""
+def set_toy_variant(pipe, variant: str, fast_accum: bool, blocks_fp32: dict[str, torch.Tensor]) -> None:
+    """Blocks in float32 or bf16 (the rest of the model as loaded), or bf16 blocks with FP8 linears; each made from
+    the loaded float32 block weights ``blocks_fp32`` (a bf16 round trip would not give them back)."""
+    blocks = pipe.transformer.transformer_blocks
     pipe.transformer.disable_fp8()
-    pipe.transformer.transformer_blocks.to(torch.float32 if variant == "fp32" else torch.bfloat16)
+    blocks.to(torch.float32)
+    blocks.load_state_dict(blocks_fp32)
+    blocks.to(torch.float32 if variant == "fp32" else torch.bfloat16)
     if variant == "fp8":
         pipe.transformer.enable_fp8(use_fast_accum=fast_accum)
 
@@ -149,18 +153,19 @@ def toy_quality(args, device: torch.device) -> tuple[dict, dict]:
     from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
     pipe = load_toy(device)
+    blocks_fp32 = {k: v.detach().float().clone() for k, v in pipe.transformer.transformer_blocks.state_dict().items()}
     oracle = OracleClassifier.from_pretrained(ORACLE_PATH).to(device).eval()
     rows = fully_specified_prompts(args.toy_prompts, args.seed)
     sampling = sampling_settings()
     report: dict = {"prompts": len(rows), "images_per_prompt": args.toy_images_per_prompt, "sampling": sampling,
                     "adherence": {}}
-    set_toy_variant(pipe, "bf16", args.fp8_fast_accum)
+    set_toy_variant(pipe, "bf16", args.fp8_fast_accum, blocks_fp32)
     report["drift"] = teacher_forced_drift(pipe, rows[0][0], sampling["guidance_scale"], args.seed,
                                            args.fp8_fast_accum)
     grid_images = {}
     for variant in args.toy_variants:
         log(f"toy model, {variant} blocks: {len(rows)} prompts x {args.toy_images_per_prompt} images")
-        set_toy_variant(pipe, variant, args.fp8_fast_accum)
+        set_toy_variant(pipe, variant, args.fp8_fast_accum, blocks_fp32)
         report["adherence"][variant] = prompt_adherence(pipe, oracle, rows, args.toy_images_per_prompt, args.seed,
                                                         args.toy_batch_size, progress=False, **sampling)
         if args.grid and variant in ("bf16", "fp8"):

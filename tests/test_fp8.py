@@ -385,6 +385,18 @@ def test_fp8_quality_benchmark_reports_drift_adherence_and_a_grid(bench, tmp_pat
         assert image.size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
 
 
+def test_toy_variants_are_made_from_the_float32_weights_each_time(bench):
+    quality = bench("bench_fp8_quality")
+    pipe = tiny_pipeline()
+    blocks = pipe.transformer.transformer_blocks
+    original = {k: v.clone() for k, v in blocks.state_dict().items()}
+    for variant in ("bf16", "fp8", "fp32"):
+        quality.set_toy_variant(pipe, variant, False, original)
+        assert pipe.transformer.fp8_enabled == (variant == "fp8")
+        assert blocks[0].attn1.to_q.weight.dtype == (torch.float32 if variant == "fp32" else torch.bfloat16)
+    assert all(torch.equal(v, original[k]) for k, v in blocks.state_dict().items())  # not bf16-rounded
+
+
 def test_bit_drift_is_zero_for_equal_logits_and_positive_otherwise(bench):
     quality = bench("bench_fp8_quality")
     schedule = tiny_pipeline().prepare_schedule(TINY_SIZE, TINY_SIZE)
