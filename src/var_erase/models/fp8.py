@@ -13,7 +13,11 @@ and restores the class, so the bf16 path afterwards is bitwise the one before. P
 is a subclass) and wraps it as usual, before or after :func:`enable_fp8`; LoRA's products run in the adapter's own
 dtype on the layer's input. The FP8 layer is frozen: its backward returns the input gradient only, computed in the
 gradient's dtype with the dequantized weight (``w_fp8 * scale``), so gradients reach the LoRA layers of earlier
-blocks; a forward that would need the weight's own gradient (a trainable weight with autograd on) is refused.
+blocks; a forward that would need the weight's or bias's own gradient (trainable, with autograd on) is refused.
+
+On CUDA the activation quantization and the backward's dequantization are compiled (``torch.compile``, dynamic
+shapes) when :func:`enable_fp8` is called, so that each is one kernel; eager, they would cost more than the FP8
+matmul saves. Where that compilation fails, a warning says so and they run eagerly.
 
 Not converted: the embeddings, norms, text modules, AdaLN projections and the head (they sit outside the blocks and
 are kept in float32 as the reference does), PEFT's adapter layers (``lora_A``/``lora_B``...), and any layer whose
