@@ -125,6 +125,17 @@ def build_pipeline(config_name: str, device: torch.device, dtype: torch.dtype, v
     return pipe
 
 
+def apply_fp8(pipe: VARPipeline, enabled: bool, use_fast_accum: bool = False) -> dict | None:
+    """With ``enabled``: ``pipe.transformer.enable_fp8(...)``, the report key ``fp8`` (layers converted and skipped,
+    the FP8 weights' size); else None (the bf16 path, untouched)."""
+    if not enabled:
+        return None
+    report = pipe.transformer.enable_fp8(use_fast_accum=use_fast_accum)
+    fp8_bytes = sum(b.numel() * b.element_size() for n, b in pipe.transformer.named_buffers() if "weight_fp8" in n)
+    return {"converted_layers": len(report["converted"]), "skipped_layers": report["skipped"],
+            "use_fast_accum": use_fast_accum, "fp8_weights_gib": fp8_bytes / GIB}
+
+
 def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -42,6 +42,7 @@ Examples::
 
     PYTHONPATH=src python benchmarks/bench_erasure.py --output_json outputs/bench/erasure_lora.json
     PYTHONPATH=src python benchmarks/bench_erasure.py --full_finetune --output_json outputs/bench/erasure_full.json
+    PYTHONPATH=src python benchmarks/bench_erasure.py --fp8 --output_json outputs/bench/erasure_lora_fp8.json
     PYTHONPATH=src python benchmarks/bench_erasure.py --config tiny --device cpu --warmup 1 --iters 2
 """
 
@@ -56,6 +57,7 @@ from bench_common import (
     CONFIGS,
     DTYPES,
     add_diagnostic_args,
+    apply_fp8,
     build_pipeline,
     count_parameters,
     emit,
@@ -121,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stub_text_encoder", action="store_true",
                    help="infinity-2b: the one-layer stub text encoder instead of a Flan-T5-XL-shaped one (1.22 B "
                         "parameters in --dtype, on the GPU while anchors are sampled, in CPU memory while training)")
+    p.add_argument("--fp8", action="store_true",
+                   help="pipe.transformer.enable_fp8() before the anchors: the frozen base's block linears as e4m3 "
+                        "matmuls (anchors and the training forward/backward); LoRA stays in its own dtype")
+    p.add_argument("--fp8_fast_accum", action="store_true", help="with --fp8: torch._scaled_mm(use_fast_accum=True)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (off in the library)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -134,6 +140,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--activation_memory_budget (with --compile, without gradient checkpointing): {err}")
     if args.warmup < 1 or args.iters < 1:
         p.error("--warmup must be >= 1 (the first iteration is the change check) and --iters >= 1")
+    if args.fp8 and args.full_finetune:
+        p.error("--fp8 converts the frozen base weights; --full_finetune trains them: use one or the other")
+    if args.fp8_fast_accum and not args.fp8:
+        p.error("--fp8_fast_accum needs --fp8")
     if args.gradient_accumulation_steps < 1:
         p.error(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
     pairs_per_iteration = args.batch_size * args.gradient_accumulation_steps
@@ -312,6 +322,7 @@ def run(args, device: torch.device) -> dict:
     full_text_encoder = args.config == "infinity-2b" and not args.stub_text_encoder
     pipe = build_pipeline(args.config, accelerator.device, DTYPES[args.dtype], DTYPES[args.dtype], args.seed,
                           full_text_encoder=full_text_encoder)
+    fp8 = apply_fp8(pipe, args.fp8, args.fp8_fast_accum)
     config = erasure_config(args)
     pairs = make_pairs(args.anchor_prompts)
     log(f"anchors: {len(pairs)} safe prompts, batch {args.anchor_batch_size} (after one warm-up batch)"
@@ -337,6 +348,7 @@ def run(args, device: torch.device) -> dict:
         "erasure_config": config.to_dict(),
         "schedule": schedule_info(anchors.schedule),
         "transformer_config": dict(pipe.transformer.config),
+        "fp8": fp8,
     }
 
 

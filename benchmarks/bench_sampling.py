@@ -30,6 +30,7 @@ Examples::
 
     PYTHONPATH=src python benchmarks/bench_sampling.py --batch_sizes 1 8 --output_json outputs/bench/sampling.json
     PYTHONPATH=src python benchmarks/bench_sampling.py --config tiny --device cpu --batch_sizes 1 2 --iters 2
+    PYTHONPATH=src python benchmarks/bench_sampling.py --batch_sizes 1 8 --cuda_graphs --fp8  # FP8 blocks
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from bench_common import (
     DTYPES,
     StageTimer,
     add_diagnostic_args,
+    apply_fp8,
     build_pipeline,
     count_parameters,
     emit,
@@ -94,6 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile the transformer blocks (compile_repeated_blocks: one compiled block for all "
                         "layers and scales, the KV-cache steps left out as graph breaks); combines with --cuda_graphs")
     p.add_argument("--compile_mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--fp8", action="store_true",
+                   help="pipe.transformer.enable_fp8(): the blocks' linear layers as e4m3 matmuls (row-wise weight "
+                        "scales, per-token activation scales, bf16 out); needs sm_89+ on CUDA")
+    p.add_argument("--fp8_fast_accum", action="store_true", help="with --fp8: torch._scaled_mm(use_fast_accum=True)")
     p.add_argument("--tf32", action="store_true", help="allow TF32 for the float32 matmuls/convs (off in the library)")
     p.add_argument("--cudnn_benchmark", action="store_true", help="torch.backends.cudnn.benchmark (VAE convs)")
     p.add_argument("--peak_tflops", type=float, default=790.0, help="the device's dense bf16 matmul peak, for MFU")
@@ -104,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup < 0 or args.iters < 1 or any(b < 1 for b in args.batch_sizes):
         p.error("--warmup must be >= 0, --iters >= 1 and every batch size >= 1")
+    if args.fp8_fast_accum and not args.fp8:
+        p.error("--fp8_fast_accum needs --fp8")
     return args
 
 
@@ -237,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"building {args.config} with random weights on {device}")
     pipe = build_pipeline(args.config, device, DTYPES[args.dtype], DTYPES[args.vae_dtype], args.seed)
     schedule = pipe.prepare_schedule(spec["height"], spec["width"])
+    fp8 = apply_fp8(pipe, args.fp8, args.fp8_fast_accum)
     if args.compile:
         raise_compile_limits()
         pipe.transformer.compile_repeated_blocks(**({"mode": args.compile_mode} if args.compile_mode else {}))
@@ -265,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "transformer_weights_gib": weights_gib(pipe.transformer),
                        "vae_weights_gib": weights_gib(pipe.vae)},
         "environment": environment(device),
+        "fp8": fp8,
         "results": results,
     }
     if args.config == "infinity-2b" and args.guidance_scale != 1.0:

@@ -309,6 +309,36 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self._init_weights()
 
     # -----------------------------------------------------------------------------------------------------------------
+    # FP8 for the frozen blocks
+
+    def enable_fp8(self, use_fast_accum: bool = False) -> dict[str, list[str]]:
+        """Run the blocks' linear layers (self- and cross-attention q/k/v/out, FFN) as e4m3 matmuls with per-row
+        weight scales and per-token activation scales (:mod:`var_erase.models.fp8`); the embeddings, norms, text
+        modules, AdaLN and head are unchanged. The weights stay as they are (the FP8 copies are added next to them),
+        so :meth:`disable_fp8` restores the default path bitwise. Frozen weights only: LoRA on top trains as usual.
+        Call it again after changing the base weights. Needs a GPU of compute capability 8.9+ (or the CPU).
+
+        Returns:
+            ``{"converted": [...], "skipped": [...]}``, the layer names (skipped: dimensions not multiples of 16).
+        """
+        from .fp8 import enable_fp8
+
+        return enable_fp8(self.transformer_blocks, use_fast_accum=use_fast_accum)
+
+    def disable_fp8(self) -> list[str]:
+        """Undo :meth:`enable_fp8` (drops the FP8 copies); returns the names of the restored layers."""
+        from .fp8 import disable_fp8
+
+        return disable_fp8(self.transformer_blocks)
+
+    @property
+    def fp8_enabled(self) -> bool:
+        """Whether :meth:`enable_fp8` is in effect."""
+        from .fp8 import fp8_enabled
+
+        return fp8_enabled(self.transformer_blocks)
+
+    # -----------------------------------------------------------------------------------------------------------------
     # initialisation
 
     @torch.no_grad()

@@ -39,9 +39,10 @@ TEXT_BUCKET = 32  # text memories are padded to a multiple of this many tokens (
 
 
 def model_fingerprint(transformer: torch.nn.Module) -> int:
-    """What a captured graph depends on besides its inputs: every parameter's address and dtype, and the state of
-    every LoRA layer (active adapters, disabled, merged, scaling)."""
-    parameters = tuple((p.data_ptr(), p.dtype) for p in transformer.parameters())
+    """What a captured graph depends on besides its inputs: every parameter's and buffer's address and dtype (the
+    buffers: ``enable_fp8``'s FP8 weights), and the state of every LoRA layer (active adapters, disabled, merged,
+    scaling)."""
+    parameters = tuple((p.data_ptr(), p.dtype) for p in (*transformer.parameters(), *transformer.buffers()))
     adapters = tuple(
         (name, tuple(module.active_adapters), module.disable_adapters, module.merged,
          tuple(sorted(getattr(module, "scaling", {}).items())))
