@@ -1,5 +1,10 @@
 """``ErasureConfig``: one erasure method as a config, consumed by one trainer (the PEFT shape).
 
+It holds two parts: an :class:`ErasureMethodConfig` (the losses and thresholds, the anchors, and a ``peft.LoraConfig``
+for the adapter, or ``train_modules`` for a full fine-tune) and :class:`ErasureTrainingArguments` (optimizer, schedule,
+steps, batches, the sampling of validation images). Every setting also has a flat name on ``ErasureConfig``
+(:data:`FLAT_FIELDS`, what :meth:`ErasureConfig.to_dict` stores in adapter metadata).
+
 Defaults are the reference code's (``ndhg1213/S-VARE``: ``erase_trainer.py``, ``infinity/utils/arg_util.py``,
 ``scripts/train_svare.sh``) wherever the paper and the code disagree; the paper's choices are options, and
 :meth:`ErasureConfig.paper` collects them. Two defaults are the product's, not the paper's: training a LoRA adapter
@@ -378,30 +383,6 @@ class ErasureConfig:
         self.method_config.lora_config = value
 
     @property
-    def lora_rank(self) -> int:
-        return self.lora_config.r
-
-    @lora_rank.setter
-    def lora_rank(self, value: int) -> None:
-        self.lora_config.r = value
-
-    @property
-    def lora_alpha(self) -> float:
-        return self.lora_config.lora_alpha
-
-    @lora_alpha.setter
-    def lora_alpha(self, value: float) -> None:
-        self.lora_config.lora_alpha = value
-
-    @property
-    def lora_dropout(self) -> float:
-        return self.lora_config.lora_dropout
-
-    @lora_dropout.setter
-    def lora_dropout(self, value: float) -> None:
-        self.lora_config.lora_dropout = value
-
-    @property
     def lora_target_modules(self) -> list[str] | None:
         """The LoRA targets as a list (a set that PEFT made of a list comes back sorted)."""
         targets = self.lora_config.target_modules
@@ -552,6 +533,8 @@ def _alias(part: str, name: str) -> property:
     return property(get, set_, doc=f"Alias of ``{part}.{name}``.")
 
 
+for _name in ("lora_rank", "lora_alpha", "lora_dropout"):  # views on the LoraConfig (lora_rank is its r)
+    setattr(ErasureConfig, _name, _alias("lora_config", _LORA_ALIASES[_name]))
 for _name in _METHOD_FIELDS:
     if _name not in vars(ErasureConfig):
         setattr(ErasureConfig, _name, _alias("method_config", _name))
