@@ -88,7 +88,7 @@ class ErasureTrainer:
             speed: 0.4 gave 1.46 s at 37 GiB and 0.7 1.40 s at 54 GiB, both without the rank padding
             (docs/performance.md).
         pad_lora_rank: compute the LoRA products as if the rank were rounded up to a multiple of 8, with zeros
-            (:func:`~var_erase.erasure.rank_padding.pad_lora_ranks`): the same adapter, its parameters and what is
+            (:func:`~var_erase.erasure.rank_padding.padded_lora_ranks`): the same adapter, its parameters and what is
             saved unchanged, on faster kernels. None (default): on when training on a CUDA device. Only inside
             :meth:`training_step` (:meth:`lora_ranks_padded`): outside it, after training and after an exception, the
             LoRA layers are PEFT's own modules computing at the adapter's rank.
