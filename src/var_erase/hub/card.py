@@ -22,11 +22,11 @@ from .common import (
     SETTING_KEYS,
     SVARE_CITATION,
     TOY_BASE_MODEL,
+    _json_default,
     _load_expression,
     format_value,
     is_number,
     is_toy_base_model,
-    json_default,
     looks_like_repo_id,
 )
 from .metadata import AdapterMetadata
@@ -95,7 +95,7 @@ def render_model_card(
         weight_name=FULL_FINETUNE_WEIGHT_NAME if full_finetune else LORA_WEIGHT_NAME,
         metrics=[{"name": k, "value": format_value(v), "description": METRIC_DESCRIPTIONS.get(k, "")}
                  for k, v in metrics],
-        eval_settings=json.dumps(settings, indent=2, sort_keys=True, default=json_default) if settings else None,
+        eval_settings=json.dumps(settings, indent=2, sort_keys=True, default=_json_default) if settings else None,
         images=image_list,
         is_toy=is_toy_base_model(metadata.base_model),
         var_erase_version=metadata.var_erase_version,

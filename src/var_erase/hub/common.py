@@ -57,7 +57,7 @@ class AdapterMismatchWarning(UserWarning):
 
 
 
-def json_default(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
     if isinstance(value, (set, frozenset)):
         return sorted(value, key=str)
     if isinstance(value, os.PathLike):
@@ -82,7 +82,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, default=json_default)
+        return json.dumps(value, default=_json_default)
     return str(value)
 
 

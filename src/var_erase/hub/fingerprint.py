@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .common import json_default
+from .common import _json_default
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Base-model fingerprints
@@ -68,7 +68,7 @@ def compute_fingerprint(module: torch.nn.Module) -> ModelFingerprint:
     loaded adapter does not change the base model's fingerprint), fused adapters are not (they changed the weights).
     """
     module = _unwrap(module)
-    config_json = json.dumps(_config_dict(module), sort_keys=True, default=json_default)
+    config_json = json.dumps(_config_dict(module), sort_keys=True, default=_json_default)
     params = _base_parameters(module)
     chosen = sorted({round(i * (len(params) - 1) / (NUM_PROBES - 1)) for i in range(NUM_PROBES)}) if params else []
     probes = {params[i][0]: _probe(params[i][0], params[i][1]) for i in chosen}

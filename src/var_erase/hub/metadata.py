@@ -24,8 +24,8 @@ from .common import (
     METADATA_FORMAT_VERSION,
     TOY_BASE_MODEL,
     AdapterMismatchWarning,
+    _json_default,
     _load_expression,
-    json_default,
     looks_like_repo_id,
 )
 from .fingerprint import ModelFingerprint, _unwrap, compute_fingerprint, model_architecture
@@ -121,7 +121,7 @@ class AdapterMetadata:
         payload = {"format_version": METADATA_FORMAT_VERSION, **dataclasses.asdict(self)}
         payload["hyperparameters"] = redact_secrets(payload["hyperparameters"])
         payload["eval_results"] = redact_secrets(payload["eval_results"])
-        return json.dumps(payload, sort_keys=True, default=json_default)
+        return json.dumps(payload, sort_keys=True, default=_json_default)
 
     def to_safetensors_metadata(self) -> dict[str, str]:
         """The safetensors header entries to add (values must be strings): ``{"var_erase_adapter": <json>}``."""
