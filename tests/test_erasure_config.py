@@ -4,15 +4,20 @@ import json
 import math
 
 import pytest
+from peft import LoraConfig
 
 from var_erase.erasure import losses
 from var_erase.erasure.config import (
     DEFAULT_LORA_TARGET_MODULES,
+    FLAT_FIELDS,
     LR_SCHEDULERS,
     METHODS,
     REFERENCE_LEARNING_RATE,
     ErasureConfig,
+    ErasureMethodConfig,
+    ErasureTrainingArguments,
     default_learning_rate,
+    default_lora_config,
     default_lora_target_modules,
     loss_function,
     losses_for,
@@ -155,3 +160,56 @@ def test_validation_lists_every_error_and_catches_later_edits():
     c.comparison = ">>"
     with pytest.raises(ValueError, match="comparison"):
         c.validate()
+
+
+def test_config_is_a_method_config_with_a_peft_lora_config_and_training_arguments():
+    c = ErasureConfig(method="fmn", lora_rank=8, lora_dropout=0.1, max_train_steps=3, learning_rate=1e-3)
+    assert isinstance(c.method_config, ErasureMethodConfig) and isinstance(c.training_args, ErasureTrainingArguments)
+    assert isinstance(c.lora_config, LoraConfig) and c.lora_config is c.method_config.lora_config
+    assert (c.lora_config.r, c.lora_config.lora_alpha, c.lora_config.lora_dropout) == (8, 4.0, 0.1)
+    assert c.lora_config.init_lora_weights == "gaussian"
+    assert c.lora_config.target_modules == ["attn2.to_q", "attn2.to_k"]
+    assert (c.training_args.max_train_steps, c.training_args.learning_rate) == (3, 1e-3)
+    parts = ErasureConfig(method_config=ErasureMethodConfig(method="fmn", lora_config=default_lora_config(
+        "fmn", rank=8, dropout=0.1)), training_args=ErasureTrainingArguments(max_train_steps=3, learning_rate=1e-3))
+    assert parts == c and parts.to_dict() == c.to_dict()
+    assert list(c.to_dict()) == list(FLAT_FIELDS) and c.to_dict()["lora_dropout"] == 0.1
+    c.lora_rank = 16  # a flat name writes through to the part that holds it
+    assert c.lora_config.r == 16 and c != parts
+    c.max_train_steps = 7
+    assert c.training_args.max_train_steps == 7
+
+
+def test_a_given_lora_config_is_copied_and_flat_lora_names_override_it():
+    given = LoraConfig(r=2, lora_alpha=8, use_rslora=True, target_modules=["attn2.to_k"])
+    c = ErasureConfig(lora_config=given, lora_rank=6)
+    assert c.lora_config is not given and given.r == 2  # the caller's config is never edited
+    assert (c.lora_rank, c.lora_alpha, c.lora_target_modules, c.lora_config.use_rslora) == (6, 8, ["attn2.to_k"], True)
+    assert ErasureConfig(lora_config=LoraConfig(r=2)).lora_target_modules == list(DEFAULT_LORA_TARGET_MODULES)
+    with pytest.raises(ValueError, match="lora_config must be a peft.LoraConfig, got dict"):
+        ErasureConfig(lora_config={"r": 4})
+    with pytest.raises(ValueError, match=r"lora_dropout must be a probability in \[0, 1\)"):
+        ErasureConfig(lora_dropout=1.0)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['lora_r'\]; valid names are"):
+        ErasureConfig(lora_r=4)
+
+
+def test_the_trainer_adds_a_copy_of_the_configs_lora_config():
+    from var_erase.erasure.anchors import sample_anchors
+    from var_erase.erasure.prompts import PromptPair
+    from var_erase.erasure.trainer import ErasureTrainer
+
+    from ._tiny import tiny_pipeline
+
+    pipe, pairs = tiny_pipeline(), [PromptPair("a red circle", "a red square", "circle")]
+    anchors = sample_anchors(pipe, ["a red square"], anchors_per_prompt=1, progress=False)
+    config = ErasureConfig(lora_config=LoraConfig(r=3, lora_alpha=6, use_rslora=True, init_lora_weights="gaussian",
+                                                  target_modules=["attn2.to_v"]), max_train_steps=1)
+    trainer = ErasureTrainer(pipe, config, pairs, anchors, pad_lora_rank=False)
+    added = trainer.transformer.peft_config["default"]
+    assert added is not config.lora_config and config.lora_config.r == 3
+    assert (added.r, added.lora_alpha, added.use_rslora) == (3, 6, True)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name in trainer.trainable_state_dict() if ".lora_A" in name}
+    assert adapted and all(name.endswith("attn2.to_v") for name in adapted)
+    lora_a = next(m for n, m in trainer.transformer.named_modules() if n.endswith("attn2.to_v"))
+    assert lora_a.scaling["default"] == pytest.approx(6 / 3**0.5)  # rsLoRA's alpha / sqrt(r)

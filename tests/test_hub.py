@@ -543,3 +543,23 @@ def test_pipeline_fingerprint_names_every_sampling_component_and_follows_the_wei
                 p.add_(1.0)
         assert pipeline_fingerprint(changed) != digest, name
 
+
+
+def test_the_hub_package_re_exports_every_public_name_of_its_modules():
+    """``var_erase.hub`` is split by job; ``from var_erase.hub import X`` works for every public name of every part."""
+    import ast
+    import importlib
+
+    import var_erase.hub as hub
+
+    for part in ("common", "fingerprint", "metadata", "card", "upload"):
+        module = importlib.import_module(f"var_erase.hub.{part}")
+        tree = ast.parse(Path(module.__file__).read_text())
+        names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        names |= {target.id for node in tree.body if isinstance(node, ast.Assign) for target in node.targets
+                  if isinstance(target, ast.Name)}
+        public = sorted(name for name in names if not name.startswith("_") and name != "logger")
+        assert public, part
+        for name in public:
+            assert getattr(hub, name) is getattr(module, name), f"var_erase.hub.{part}.{name} is not re-exported"
+            assert name in hub.__all__, name

@@ -18,12 +18,14 @@ branch on its own history; the student's history is a fresh rollout under ``c*``
 tokens along ``r^ori``; :mod:`.fmn`), ``ac-n`` / ``ac-m`` (ablating concepts; :mod:`.ablating_concepts`). ``uce`` is a
 closed-form edit without this loop (:func:`var_erase.erasure.uce.edit`).
 
-The trained parameters are a PEFT LoRA adapter (cross-attention + FFN by default) kept in float32, or, with
-``train_modules``, the named modules fully fine-tuned (the reference's ``ca`` + ``ffn``).
+The trained parameters are a PEFT LoRA adapter added from ``config.lora_config`` (a ``peft.LoraConfig``; cross-attention
++ FFN by default) kept in float32, or, with ``train_modules``, the named modules fully fine-tuned (the reference's
+``ca`` + ``ffn``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
@@ -36,7 +38,6 @@ import torch
 from accelerate import Accelerator, DistributedType
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 from peft.helpers import disable_input_dtype_casting
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
@@ -49,7 +50,7 @@ from . import losses as L
 from .anchors import AnchorSet
 from .config import ErasureConfig
 from .prompts import PromptPair
-from .rank_padding import pad_lora_ranks
+from .rank_padding import paddable_lora_layers, padded_lora_ranks
 
 
 @dataclass
@@ -87,9 +88,10 @@ class ErasureTrainer:
             speed: 0.4 gave 1.46 s at 37 GiB and 0.7 1.40 s at 54 GiB, both without the rank padding
             (docs/performance.md).
         pad_lora_rank: compute the LoRA products as if the rank were rounded up to a multiple of 8, with zeros
-            (:func:`~var_erase.erasure.rank_padding.pad_lora_ranks`): the same adapter, its parameters and what is
-            saved unchanged, on faster kernels. None (default): on when training on a CUDA device. The transformer's
-            LoRA layers keep computing that way after training (the same outputs).
+            (:func:`~var_erase.erasure.rank_padding.padded_lora_ranks`): the same adapter, its parameters and what is
+            saved unchanged, on faster kernels. None (default): on when training on a CUDA device. Only inside
+            :meth:`training_step` (:meth:`lora_ranks_padded`): outside it, after training and after an exception, the
+            LoRA layers are PEFT's own modules computing at the adapter's rank.
     """
 
     def __init__(self, pipe, config: ErasureConfig, pairs: list[PromptPair], anchors: AnchorSet,
@@ -131,6 +133,7 @@ class ErasureTrainer:
                                for p in pairs} if config.method == "fmn" else {}
         self.pad_lora_rank = self.accelerator.device.type == "cuda" if pad_lora_rank is None else pad_lora_rank
         self.transformer = self._prepare_trainable(pipe.transformer, gradient_checkpointing)
+        self._padded_layers = paddable_lora_layers(self.transformer) if self.pad_lora_rank else []
         if compile_blocks:
             self.transformer.compile_repeated_blocks()
         self.optimizer = self._optimizer()
@@ -161,11 +164,8 @@ class ErasureTrainer:
         cfg = self.config
         transformer.requires_grad_(False)
         if cfg.finetune_mode == "lora":
-            transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                               target_modules=list(cfg.lora_target_modules)))
+            transformer.add_adapter(copy.deepcopy(cfg.lora_config))  # PEFT keeps and edits the config it is given
             cast_training_params(transformer, dtype=torch.float32)
-            if self.pad_lora_rank:
-                pad_lora_ranks(transformer)
         else:
             for name, module in transformer.named_modules():
                 if any(name.endswith(f".{m}") for m in cfg.train_modules):
@@ -441,7 +441,8 @@ class ErasureTrainer:
         # under autocast the LoRA matmuls run in half precision anyway: PEFT's cast of every adapted layer's input to
         # the float32 adapter dtype would only add a full-size copy per layer (forward and backward)
         autocast = self.accelerator.mixed_precision in ("bf16", "fp16") and self.config.finetune_mode == "lora"
-        with disable_input_dtype_casting(self.transformer, active=autocast), self._memory_budget():
+        with disable_input_dtype_casting(self.transformer, active=autocast), self._memory_budget(), \
+                self.lora_ranks_padded():
             if uses_pre and self.config.update == "joint":
                 logs["loss"] = self._update(lambda m: erase(m) + preserve(m))
             else:
@@ -449,6 +450,11 @@ class ErasureTrainer:
                 if uses_pre:
                     logs["pre"] = self._update(preserve)
         return read(logs) if read_logs else logs
+
+    def lora_ranks_padded(self):
+        """A context in which the LoRA products compute at the padded rank when ``pad_lora_rank`` is on (else
+        nothing changes); :meth:`training_step` runs inside one, and every module gets its class back on exit."""
+        return padded_lora_ranks(self._padded_layers)
 
     def _memory_budget(self):
         """The compiler's activation memory budget while (re)compiling the blocks for the backward, or nothing."""

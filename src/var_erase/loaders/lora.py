@@ -26,12 +26,7 @@ from contextlib import contextmanager
 import safetensors
 import safetensors.torch
 import torch
-from diffusers.loaders.lora_base import (
-    LORA_ADAPTER_METADATA_KEY,
-    LoraBaseMixin,
-    _fetch_state_dict,
-    _pack_dict_with_prefix,
-)
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LoraBaseMixin
 from huggingface_hub.utils import validate_hf_hub_args
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -44,8 +39,10 @@ from ..hub import (
     model_architecture,
 )
 from ..utils import atomic_write_bytes
+from ._diffusers_compat import fetch_lora_state_dict
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_HUB_KWARGS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision", "subfolder")
 
 
 class VARLoraLoaderMixin(LoraBaseMixin):
@@ -77,21 +74,8 @@ class VARLoraLoaderMixin(LoraBaseMixin):
         if weight_name is not None and not weight_name.endswith(".safetensors"):
             raise ValueError(f"only safetensors LoRA files are supported, got weight_name={weight_name!r}")
         try:
-            state_dict, metadata, file_metadata = _fetch_state_dict(
-                pretrained_model_name_or_path_or_dict=source,
-                weight_name=weight_name,
-                use_safetensors=True,
-                local_files_only=kwargs.pop("local_files_only", None),
-                cache_dir=kwargs.pop("cache_dir", None),
-                force_download=kwargs.pop("force_download", False),
-                proxies=kwargs.pop("proxies", None),
-                token=kwargs.pop("token", None),
-                revision=kwargs.pop("revision", None),
-                subfolder=kwargs.pop("subfolder", None),
-                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-                allow_pickle=False,
-                return_file_metadata=True,
-            )
+            state_dict, metadata, file_metadata = fetch_lora_state_dict(source, weight_name, **{
+                name: kwargs.pop(name) for name in _HUB_KWARGS if name in kwargs})
         except safetensors.SafetensorError as err:
             raise OSError(
                 f"could not read the LoRA file {weight_name!r} in {source!r}: it is not a valid safetensors file "
@@ -183,8 +167,8 @@ class VARLoraLoaderMixin(LoraBaseMixin):
         state_dict = cls.pack_weights(transformer_lora_layers, cls.transformer_name)
         header = {"format": "pt", **(extra_metadata or {})}
         if transformer_lora_adapter_metadata:
-            packed = _pack_dict_with_prefix(transformer_lora_adapter_metadata, cls.transformer_name)
-            packed = {k: sorted(v) if isinstance(v, set) else v for k, v in packed.items()}
+            packed = {f"{cls.transformer_name}.{k}": sorted(v) if isinstance(v, set) else v
+                      for k, v in transformer_lora_adapter_metadata.items()}
             header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
         path = os.path.join(save_directory, weight_name or LORA_WEIGHT_NAME)
         state_dict = {k: v.detach().contiguous() for k, v in state_dict.items()}
