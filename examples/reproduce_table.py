@@ -24,19 +24,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import train_svare  # noqa: E402
-
-from var_erase import DEFAULT_MODEL  # noqa: E402
-from var_erase.evaluation.toy_metrics import concept_accuracy, kind_evaluation_prompts  # noqa: E402
-from var_erase.pipelines.pipeline_var import VARPipeline  # noqa: E402
-from var_erase.toy.captions import evaluation_prompts  # noqa: E402
-from var_erase.toy.concepts import CONCEPT_KINDS, concept_names, get_concept  # noqa: E402
-from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier  # noqa: E402
+from var_erase import DEFAULT_MODEL, erase
+from var_erase.evaluation.toy_metrics import concept_accuracy, kind_evaluation_prompts
+from var_erase.pipelines.pipeline_var import VARPipeline
+from var_erase.toy.captions import evaluation_prompts
+from var_erase.toy.concepts import CONCEPT_KINDS, concept_names, get_concept
+from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
 METHODS = ("naive", "vare", "fce", "svare")
 
@@ -57,17 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train(args, name: str, concepts: list[str], *extra: str) -> str:
+def train(args, name: str, concepts: list[str], config: dict | None = None) -> str:
+    """One row's adapter: ``var_erase.erase`` with the reference recipe (``"svare"``), no judge, the table's budget and
+    ``config`` (ErasureConfig fields, e.g. ``{"method": "fce"}``) on top; reused when its weights exist."""
     out = os.path.join(args.output_dir, name)
     if not os.path.exists(os.path.join(out, "pytorch_lora_weights.safetensors")):
         steps = args.max_train_steps * math.ceil(len(concepts) / 2) if len(concepts) > 1 else args.max_train_steps
-        argv = ["--pretrained_model_name_or_path", args.pretrained_model_name_or_path, "--output_dir", out,
-                "--num_pairs", str(args.num_pairs), "--max_train_steps", str(steps),
-                "--learning_rate", str(args.learning_rate), "--rank", str(args.rank), "--seed", str(args.seed),
-                "--num_validation_images", "2", "--recipe", "svare", "--judge", "none", *extra]
-        for concept in concepts:
-            argv += ["--concept", concept]
-        train_svare.main(argv)
+        pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path)  # a fresh model per adapter
+        pipe.set_progress_bar_config(disable=True)
+        settings = {"max_train_steps": steps, "learning_rate": args.learning_rate, "lora_rank": args.rank,
+                    "lora_alpha": float(args.rank), **(config or {})}
+        erase(pipe, concepts, output_dir=out, recipe="svare", config=settings, seed=args.seed,
+              num_pairs=args.num_pairs, judge=None, num_grid_images=2, base_model=args.pretrained_model_name_or_path)
     return out
 
 
@@ -86,20 +82,20 @@ def evaluate(pipe, oracle, adapter: str | None, targets: list[str], args) -> dic
             "per_concept": main["per_concept"], "n_images": main["n_images"] + paraphrased["n_images"]}
 
 
-def plan(args) -> list[tuple[str, str, list[str], tuple[str, ...]]]:
-    """(row label, run name, targets, extra train args); run name '' = the original model."""
+def plan(args) -> list[tuple[str, str, list[str], dict]]:
+    """(row label, run name, targets, ErasureConfig fields); run name '' = the original model."""
     concepts = [c.strip() for c in args.concepts.split(",") if c.strip()]
     rows = []
     for c in concepts:
-        rows.append((f"{c}: original", "", [c], ()))
-        rows += [(f"{c}: {m}", f"{c}-{m}", [c], ("--method", m)) for m in METHODS]
+        rows.append((f"{c}: original", "", [c], {}))
+        rows += [(f"{c}: {m}", f"{c}-{m}", [c], {"method": m}) for m in METHODS]
     first = concepts[0]
     for alpha in [a for a in args.alphas.split(",") if a.strip()]:
         rows.append((f"{first}: svare alpha={alpha}", f"{first}-svare-alpha{alpha}", [first],
-                     ("--token_threshold", alpha)))
+                     {"token_threshold": float(alpha)}))
     for count in [int(n) for n in args.multi.split(",") if n.strip()]:
         group = concept_group(first, count)
-        rows.append((f"{len(group)} concepts together ({', '.join(group)})", f"multi{len(group)}", group, ()))
+        rows.append((f"{len(group)} concepts together ({', '.join(group)})", f"multi{len(group)}", group, {}))
     return rows
 
 
@@ -144,7 +140,7 @@ def main(argv=None) -> list[dict]:
                 results.append(json.load(f))
             continue
         start = time.perf_counter()
-        adapter = train(args, name, targets, *extra) if name else None
+        adapter = train(args, name, targets, extra) if name else None
         row = {"row": label, "targets": targets, **evaluate(pipe, oracle, adapter, targets, args),
                "seconds": round(time.perf_counter() - start, 1)}
         with open(cached, "w") as f:

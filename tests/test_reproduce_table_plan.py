@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
-from reproduce_table import concept_group, parse_args, plan  # noqa: E402
+from reproduce_table import concept_group, parse_args, plan, train  # noqa: E402
 
 from var_erase.toy.concepts import concept_names, get_concept  # noqa: E402
 
@@ -41,3 +41,21 @@ def test_plan_has_every_method_per_concept_the_alphas_and_each_multi_row():
     multi = [r for r in rows if r[1].startswith("multi")]
     assert [len(r[2]) for r in multi] == [5, 10]
     assert len({r[1] for r in rows if r[1]}) == len([r for r in rows if r[1]])  # every run has its own folder
+
+
+def test_every_row_is_a_valid_erasure_config_and_train_calls_the_library(tmp_path):
+    from var_erase.erasure.config import ErasureConfig
+    from var_erase.hub import read_adapter_metadata
+
+    from ._tiny import tiny_pipeline
+
+    args = parse_args(["--concepts", "triangle", "--alphas", "0.5", "--multi", "", "--max_train_steps", "2",
+                       "--num_pairs", "2", "--output_dir", str(tmp_path / "table")])
+    for _, name, _, config in plan(args):
+        ErasureConfig(**config).validate()  # method / token_threshold are real fields with valid values
+    tiny_pipeline().save_pretrained(tmp_path / "base")
+    args.pretrained_model_name_or_path = str(tmp_path / "base")
+    out = train(args, "triangle-fce", ["triangle"], {"method": "fce"})
+    metadata = read_adapter_metadata(out)
+    assert metadata.method == "fce" and metadata.hyperparameters["max_train_steps"] == 2
+    assert metadata.hyperparameters["recipe"] == "svare"
