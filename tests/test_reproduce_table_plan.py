@@ -51,7 +51,7 @@ def test_every_row_is_a_valid_erasure_config_and_train_calls_the_library(tmp_pat
 
     args = parse_args(["--concepts", "triangle", "--alphas", "0.5", "--multi", "", "--max_train_steps", "2",
                        "--num_pairs", "2", "--output_dir", str(tmp_path / "table")])
-    for _, name, _, config in plan(args):
+    for *_, config in plan(args):
         ErasureConfig(**config).validate()  # method / token_threshold are real fields with valid values
     tiny_pipeline().save_pretrained(tmp_path / "base")
     args.pretrained_model_name_or_path = str(tmp_path / "base")
