@@ -187,3 +187,21 @@ def test_varied_pairs_name_the_concept_after_the_noun_too():
         assert pair.unsafe != pair.safe and len(pair.unsafe.split()) == len(pair.safe.split())
     with pytest.raises(ValueError, match="wording must be one of"):
         toy_prompt_pairs(["red"], 4, wording="shuffled")
+
+
+def test_uce_is_a_closed_form_erasure_written_and_verified_like_a_trained_one(tmp_path):
+    """``config={"method": "uce"}``: no training loop (0 steps), the pairs' unsafe prompts edited towards their safe
+    prompts in the cross-attention keys/values, the adapter loadable, the judge's single reading in its header."""
+    pipe = tiny_pipeline()
+    judge = ScheduledJudge(pipe, [1.0, 0.0])  # base: drawn; after the edit: gone
+    result = erase(pipe, "nudity", output_dir=tmp_path / "out", pairs=PAIRS, recipe="svare", config={"method": "uce"},
+                   judge=judge, validation_prompts=VALIDATION, num_grid_images=1, progress=False)
+    assert result.steps == 0 and result.reached is True and result.message.startswith("Target reached")
+    metadata = read_adapter_metadata(tmp_path / "out")
+    assert metadata.method == "uce" and metadata.eval_results["acc_e"] == 0.0
+    assert metadata.hyperparameters["replacements"] == [p.safe for p in PAIRS]
+    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    assert saved and all("attn2.to_k" in k or "attn2.to_v" in k for k in saved)
+    assert (tmp_path / "out" / "grid.png").exists() and "uce" in (tmp_path / "out" / "README.md").read_text()
+    fresh = tiny_pipeline()
+    fresh.load_lora_weights(str(tmp_path / "out"))  # loads like any erasure adapter

@@ -156,6 +156,11 @@ def erase(
                                                    judge, config, pair_wording or recipe.pair_wording)
     retain = _resolve_retain(concepts, recipe, retain_prompts, retain_prompts_per_concept, seed, pairs, config)
 
+    if config.method == "uce":  # a closed-form edit: no anchors, no training loop
+        return _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge,
+                                  validation_prompts, seed, target_acc_e, max_acc_i_drop, grid_prompts,
+                                  num_grid_images, progress)
+
     # 2. auxiliary visual tokens of the safe and retain prompts (frozen model, cached)
     anchors = load_or_sample_anchors(
         pipe, list(dict.fromkeys([p.safe for p in pairs] + retain)),
@@ -334,6 +339,49 @@ def _default_validation_prompts(concepts: list[str], seed: int, target_images: i
 def sampling_settings(config: ErasureConfig) -> dict:
     return {"guidance_scale": config.inference_guidance_scale, "temperature": config.inference_temperature,
             "top_k": config.inference_top_k, "top_p": config.inference_top_p}
+
+
+def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge, validation_prompts, seed,
+                       target_acc_e, max_acc_i_drop, grid_prompts, num_grid_images, progress) -> ErasureResult:
+    """UCE (:mod:`.uce`): every pair's unsafe prompt edited towards its safe prompt, the retain prompts preserved, in
+    one closed-form step; written as an adapter, then read once by the judge (when given)."""
+    from ..hub import read_adapter_metadata
+    from . import uce
+
+    targets = [m.rsplit(".", 1)[-1] for m in config.lora_target_modules]
+    edited = uce.edit(pipe, [p.unsafe for p in pairs], [p.safe for p in pairs], preserve=retain or None,
+                      target_modules=list(dict.fromkeys(targets)))
+    uce.write_adapter(edited, output_dir, pipe, base_model or _pipeline_path(pipe), concepts)
+    pipe.load_lora_weights(output_dir, adapter_name="default")
+    verified, message, validations = None, "No judge was given, so the erasure was not verified.", []
+    if judge is not None:
+        prompts = validation_prompts or _default_validation_prompts(concepts, seed)
+        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **sampling_settings(config))
+        base = validator.baseline()
+        result = validator(0)
+        validations = [{"base": True, **base.to_dict()}, result.to_dict()]
+        message, verified = validator.report(result), _verified(validator, result, judge)
+    _log(progress, f"UCE: rank {edited.rank}, {edited.seconds:.1f} s. {message}")
+    metadata = read_adapter_metadata(output_dir)
+    metadata.eval_results = verified
+    if verified is not None:  # the verified numbers go into the adapter's header as for trained adapters
+        from ..pipelines.pipeline_var import VARPipeline
+
+        VARPipeline.save_lora_weights(output_dir, transformer_lora_layers=edited.state_dict,
+                                      transformer_lora_adapter_metadata=edited.lora_config.to_dict(),
+                                      extra_metadata=metadata.to_safetensors_metadata())
+    images = {}
+    if num_grid_images > 0:
+        grid = before_after_grid(pipe, list(grid_prompts) or default_grid_prompts(pairs), num_grid_images, seed, config)
+        grid.save(os.path.join(output_dir, "grid.png"))
+        images = {"Before (left) / after (right)": "grid.png"}
+    log = {"recipe": "uce", "config": config.to_dict(), "concepts": concepts, "pairs": [p.__dict__ for p in pairs],
+           "retain_prompts": retain, "uce": redact_secrets(dict(edited.hyperparameters)), "seconds": edited.seconds,
+           "validations": validations, "verified": verified, "message": message}
+    atomic_write_bytes(Path(output_dir) / "training_log.json", json.dumps(log, indent=2, default=str).encode())
+    save_model_card(render_model_card(metadata, None, images, folder=output_dir), output_dir)
+    return ErasureResult(output_dir, verified and verified["target_reached"], verified, message, 0, validations,
+                         pairs, retain)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

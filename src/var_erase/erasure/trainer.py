@@ -101,8 +101,9 @@ class ErasureTrainer:
                  pad_lora_rank: bool | None = None) -> None:
         config.validate()
         if not config.losses:
-            raise ValueError(f"method {config.method!r} is a closed-form edit with no training loop: call "
-                             "var_erase.erasure.uce.edit(pipe, concepts, replacements, preserve) instead")
+            raise ValueError(f"method {config.method!r} is a closed-form edit with no training loop: use "
+                             "var_erase.erase(pipe, ..., config={'method': 'uce'}) (train_svare.py --method uce) or "
+                             "var_erase.erasure.uce.edit(pipe, concepts, replacements, preserve)")
         check_activation_memory_budget(activation_memory_budget, compile_blocks, gradient_checkpointing)
         self.activation_memory_budget = activation_memory_budget
         self.retain_prompts = list(dict.fromkeys(retain_prompts or []))
