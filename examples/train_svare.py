@@ -5,12 +5,11 @@
         --validation_prompts_file val.csv --pretrained_model_name_or_path path/to/infinity-2b \
         --output_dir outputs/erase-nudity --mixed_precision bf16
 
-The default recipe (``--recipe verified``) checks itself while it trains: every ``--validation_steps`` iterations it
-draws validation prompts, a judge reads them (the toy oracle on the embedded model), and the run keeps the best
-checkpoint, stops once the erased concepts appear in at most ``--target_acc_e`` of the images while the kept ones
-lose at most ``--max_acc_i_drop``, and ends saying whether it got there. ``--recipe svare`` is S-VARE as the
-reference code runs it. Flags left unset take the recipe's values (``var_erase.erasure.recipes``); the full table is
-in docs/training.md. Runs under ``accelerate launch`` as well as plain ``python``.
+The default recipe (``--recipe verified``) checks itself while it trains: a judge (the toy oracle on the embedded
+model) reads validation prompts every ``--validation_steps``; the run keeps the best checkpoint, stops once the erased
+concepts appear in at most ``--target_acc_e`` of the images and the kept ones lose at most ``--max_acc_i_drop``, and
+says whether it got there. ``--recipe svare`` is the reference code's S-VARE. Unset flags take the recipe's values
+(``var_erase.erasure.recipes``; table: docs/training.md). Runs under ``accelerate launch`` or plain ``python``.
 """
 
 from __future__ import annotations
@@ -81,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--gradient_checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"])
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--fp8", action="store_true", help="the frozen base's block linears as FP8 (e4m3) matmuls "
+                   "(pipe.transformer.enable_fp8(); GPUs of compute capability 8.9+, or the CPU); LoRA only")
     p.add_argument("--activation_memory_budget", type=float, default=None)
     p.add_argument("--anchors_per_prompt", type=int, default=1)
     p.add_argument("--anchor_batch_size", type=int, default=8)
@@ -164,6 +165,8 @@ def main(argv=None) -> str:
     set_seed(args.seed)
     pipe = load_pipeline(args.pretrained_model_name_or_path, accelerator)
     pipe.set_progress_bar_config(disable=True)
+    if args.fp8:
+        pipe.transformer.enable_fp8()  # the frozen block linears as FP8 matmuls (GPUs of sm_89+, or the CPU)
     try:
         result = erase(
             pipe, args.concept, output_dir=args.output_dir, pairs=args.prompt_pairs or None, recipe=args.recipe,
@@ -174,17 +177,15 @@ def main(argv=None) -> str:
             validation_prompts=read_validation_prompts(args.validation_prompts_file, args.seed),
             validation_steps=args.validation_steps, target_acc_e=args.target_acc_e,
             max_acc_i_drop=args.max_acc_i_drop, early_stopping=not args.no_early_stopping,
-            confirmations=args.confirmations,
-            base_model=args.pretrained_model_name_or_path, accelerator=accelerator,
+            confirmations=args.confirmations, base_model=args.pretrained_model_name_or_path, accelerator=accelerator,
             anchor_cache_dir=args.anchor_cache_dir, anchor_batch_size=args.anchor_batch_size,
             anchors_per_prompt=args.anchors_per_prompt,
             anchor_cuda_graphs=False if args.no_anchor_cuda_graphs else None,
             checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
-            resume_from_checkpoint=args.resume_from_checkpoint,
-            grid_prompts=args.validation_prompt, num_grid_images=args.num_validation_images,
-            push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token,
-            push_include=args.push_include,
-            run_args=vars(args), gradient_accumulation_steps=args.gradient_accumulation_steps,
+            resume_from_checkpoint=args.resume_from_checkpoint, grid_prompts=args.validation_prompt,
+            num_grid_images=args.num_validation_images, push_to_hub=args.push_to_hub, hub_model_id=args.hub_model_id,
+            hub_token=args.hub_token, push_include=args.push_include, run_args=vars(args),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
             gradient_checkpointing=args.gradient_checkpointing, compile_blocks=args.compile,
             activation_memory_budget=args.activation_memory_budget,
             pad_lora_rank=False if args.no_lora_rank_padding else None)

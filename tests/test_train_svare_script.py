@@ -189,3 +189,19 @@ def test_caption_replacements_of_another_kind_are_refused():
 
     with pytest.raises(ValueError, match="not of kind 'shape'"):
         caption_for_concept_prompts("diamond", 4, replacements=["dotted"])
+
+
+def test_fp8_flag_trains_the_lora_on_fp8_block_linears(base, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    loaded = []
+    load = train_svare.load_pipeline
+    monkeypatch.setattr(train_svare, "load_pipeline", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    out = tmp_path / "fp8"
+    train_svare.main(_args(base, out, 2, "--fp8", "--num_validation_images", "0"))
+    assert loaded[0].transformer.fp8_enabled  # the run's own pipeline had FP8 blocks
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["args"]["fp8"] is True and [h["step"] for h in log["history"]] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in log["history"])
+    saved = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert saved and any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # the adapter trained
