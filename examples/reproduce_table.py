@@ -6,7 +6,8 @@ Rows (each an adapter trained by ``examples/train_svare.py`` from the same pairs
 oracle on held-out prompts with the same seeds):
 
 - per concept: original model, ``naive`` (Eq. 6), ``vare`` (VARE-basic, Eq. 7), ``fce`` (VARE + filtered CE), ``svare``
-  (+ preservation KL);
+  (+ preservation KL), and the paper's baselines (``--baselines``: ESD-u, ESD-x, FMN, UCE, AC-N, AC-M, each with its
+  own default modules; UCE is a closed-form edit);
 - alpha ablation of S-VARE on the first concept: token threshold 0, 0.25 (default), 0.5, 0.75;
 - multi-concept: for each count in ``--multi``, one adapter erasing that many concepts at once, taken from the first
   concept's kind and then the next kinds (at most all but three of a kind, so every kind keeps concepts for
@@ -34,12 +35,15 @@ from var_erase.toy.concepts import CONCEPT_KINDS, concept_names, get_concept
 from var_erase.toy.oracle import ORACLE_PATH, OracleClassifier
 
 METHODS = ("naive", "vare", "fce", "svare")
+BASELINES = ("esd-u", "esd-x", "fmn", "uce", "ac-n", "ac-m")  # the paper's diffusion-era baselines in the VARE frame
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
     p.add_argument("--concepts", default="triangle,outlined", help="comma-separated target concepts")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="comma-separated baseline methods per concept besides S-VARE's variants (empty: none)")
     p.add_argument("--alphas", default="0,0.5,0.75", help="token thresholds besides the default 0.25")
     p.add_argument("--multi", default="5,10", help="comma-separated numbers of concepts erased together (empty: skip)")
     p.add_argument("--num_pairs", type=int, default=24)
@@ -88,7 +92,8 @@ def plan(args) -> list[tuple[str, str, list[str], dict]]:
     rows = []
     for c in concepts:
         rows.append((f"{c}: original", "", [c], {}))
-        rows += [(f"{c}: {m}", f"{c}-{m}", [c], {"method": m}) for m in METHODS]
+        baselines = [m.strip() for m in args.baselines.split(",") if m.strip()]
+        rows += [(f"{c}: {m}", f"{c}-{m}", [c], {"method": m}) for m in [*METHODS, *baselines]]
     first = concepts[0]
     for alpha in [a for a in args.alphas.split(",") if a.strip()]:
         rows.append((f"{first}: svare alpha={alpha}", f"{first}-svare-alpha{alpha}", [first],

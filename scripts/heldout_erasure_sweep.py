@@ -6,7 +6,8 @@
     python scripts/heldout_erasure_sweep.py table outputs/heldout --report eval_fresh.json  # worst concept, seed
 
 Each job runs ``examples/train_svare.py --concept C --seed S`` with no other training flag (the default recipe;
-``jobs --recipe svare`` gives the published method's rows), then ``evaluate`` once per phrasing set (``--sets``,
+``jobs --recipe svare`` gives the published method's rows, ``jobs --recipe svare --method esd-x --tag=-esd-x`` a
+baseline's), then ``evaluate`` once per phrasing set (``--sets``,
 default ``fresh,heldout``: ``fresh`` is the headline, ``heldout`` was looked at while the recipe changed): every
 prompt of the set drawn twice with and without the adapter on the same seeds, read by the toy oracle
 (:mod:`var_erase.evaluation.heldout`). The base model's reads are the same for every job: ``base --cache_dir`` stores
@@ -47,6 +48,7 @@ def _seeds(text: str) -> list[int]:
 
 def jobs(args) -> None:
     recipe = f" --recipe {args.recipe}" if args.recipe else ""
+    recipe += f" --method {args.method}" if args.method else ""
     sets = [TEN] if args.ten else []  # the longest job first
     sets += [[c] for c in (args.concepts.split(",") if args.concepts else concept_names())]
     for seed in _seeds(args.seeds):
@@ -190,7 +192,8 @@ def main(argv=None):
     j.add_argument("--concepts", default=None, help="comma-separated (default: all 20)")
     j.add_argument("--ten", action="store_true", help="also the ten-concept adapter")
     j.add_argument("--recipe", default=None, help="default: the script's default recipe")
-    j.add_argument("--tag", default="", help="appended to job names (e.g. -svare)")
+    j.add_argument("--tag", default="", help="appended to job names (e.g. -svare; write --tag=-svare)")
+    j.add_argument("--method", default=None, help="train_svare.py --method (baselines: esd-u, esd-x, fmn, uce, ...)")
     j.add_argument("--estimate_s", type=float, default=120)
     j.add_argument("--sets", default="fresh,heldout", help="phrasing sets to evaluate on, comma-separated")
     j.add_argument("--base_cache", default=None, help="folder of the base model's stored reads (see base)")

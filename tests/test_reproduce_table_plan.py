@@ -37,6 +37,7 @@ def test_plan_has_every_method_per_concept_the_alphas_and_each_multi_row():
     for concept in ("triangle", "outlined"):
         assert f"{concept}: original" in labels
         assert {f"{concept}: {m}" for m in ("naive", "vare", "fce", "svare")} <= set(labels)
+        assert {f"{concept}: {m}" for m in ("esd-u", "esd-x", "fmn", "uce", "ac-n", "ac-m")} <= set(labels)
     assert "triangle: svare alpha=0" in labels and "triangle: svare alpha=0.5" in labels
     multi = [r for r in rows if r[1].startswith("multi")]
     assert [len(r[2]) for r in multi] == [5, 10]

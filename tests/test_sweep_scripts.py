@@ -153,3 +153,13 @@ def test_base_reads_are_computed_once_then_read_from_the_cache(tmp_path):
     other = sweep._cached_base(str(tmp_path), {**settings, "seed": 1}, compute)
     assert first == again == other == [[True, False], [False, False]] and len(calls) == 2
     assert len(list(tmp_path.glob("base-*.json"))) == 2 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_heldout_sweep_jobs_for_a_baseline_method(capsys):
+    sweep = _script("heldout_erasure_sweep")
+    sweep.main(["jobs", "--seeds", "3", "--concepts", "blue", "--recipe", "svare", "--method", "esd-x",
+                "--tag=-esd-x", "--sets", "fresh"])
+    (job,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    args = _training(job["cmds"][0])
+    assert job["name"] == "blue-esd-x-s3" and args.method == "esd-x" and args.recipe == "svare"
+    assert len(job["cmds"]) == 2
