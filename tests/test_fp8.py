@@ -422,3 +422,26 @@ def test_fp8_suite_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(r["speedup"] > 0 for r in summary["sampling"]) and summary["erasure"]["speedup"] > 0
     assert summary["erasure"]["fp8_checks"] == {"trainable_all_changed": True, "trainable_all_received_grad": True}
     assert (tmp_path / "fp8_grid.png").stat().st_size > 0 and "sampling B=1: bf16" in done.stdout
+
+
+@pytest.mark.gpu
+def test_hitting_the_recompile_limit_falls_back_to_the_eager_kernels(monkeypatch):
+    """Training feeds the fused quantization views of many shapes; once dynamo's recompile limit is hit (as in the
+    erasure benchmark on an H200), the kernels run eagerly with a warning instead of failing the run."""
+    import torch._dynamo
+
+    from var_erase.models import fp8
+
+    monkeypatch.setitem(fp8._COMPILED, "enabled", True)
+    for name in [k for k in fp8._COMPILED if k != "enabled"]:
+        monkeypatch.delitem(fp8._COMPILED, name)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    base = torch.randn(8, 24, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        for rows in (3, 5, 7, 11):
+            view = base[:rows].reshape(-1, 64)[: rows * 5]  # views of different bases and shapes
+            got = fp8.quantize_rowwise_fused(view)
+            want = fp8.quantize_rowwise(view)
+            assert all(torch.equal(g.float(), w.float()) for g, w in zip(got, want))
+    assert fp8._COMPILED["enabled"] is False

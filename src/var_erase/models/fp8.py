@@ -72,8 +72,31 @@ def _fused(fn):
             return fn(x, *args)
         if fn.__name__ not in _COMPILED:
             _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
-        return _COMPILED[fn.__name__](x, *args)
+        try:
+            return _COMPILED[fn.__name__](x, *args)
+        except _COMPILER_ERRORS as err:  # e.g. dynamo's recompile limit, hit by views of many shapes while training
+            _disable_compiled(err)
+            return fn(x, *args)
     return run
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    from torch._dynamo import exc
+
+    return tuple(e for e in (getattr(exc, "TorchDynamoException", None), getattr(exc, "FailOnRecompileLimitHit", None))
+                 if e is not None)
+
+
+_COMPILER_ERRORS = _compiler_errors()
+
+
+def _disable_compiled(err: BaseException) -> None:
+    """Run the fused kernels eagerly from now on (slower, same numbers), saying why once."""
+    import warnings
+
+    _COMPILED["enabled"] = False
+    warnings.warn(f"FP8: compiling the activation quantization failed ({type(err).__name__}: "
+                  f"{str(err).splitlines()[0] if str(err) else ''}); it runs eagerly (slower)", stacklevel=3)
 
 
 quantize_rowwise_fused = _fused(quantize_rowwise)
@@ -253,11 +276,7 @@ def _compile_kernels(module: FP8Linear, x: torch.Tensor) -> None:
         with torch.inference_mode():
             quantize_rowwise_fused(x)
     except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to the eager kernels
-        import warnings
-
-        _COMPILED["enabled"] = False
-        warnings.warn(f"FP8: compiling the activation quantization failed ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); it runs eagerly (slower)", stacklevel=3)
+        _disable_compiled(err)
 
 
 def _probe_fused_bias(module: FP8Linear, x: torch.Tensor) -> None:
