@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from peft import set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from ..evaluation.toy_metrics import generate_images
@@ -345,14 +346,14 @@ def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_m
                        target_acc_e, max_acc_i_drop, grid_prompts, num_grid_images, progress) -> ErasureResult:
     """UCE (:mod:`.uce`): every pair's unsafe prompt edited towards its safe prompt, the retain prompts preserved, in
     one closed-form step; written as an adapter, then read once by the judge (when given)."""
-    from ..hub import read_adapter_metadata
     from . import uce
 
     targets = [m.rsplit(".", 1)[-1] for m in config.lora_target_modules]
     edited = uce.edit(pipe, [p.unsafe for p in pairs], [p.safe for p in pairs], preserve=retain or None,
                       target_modules=list(dict.fromkeys(targets)))
-    uce.write_adapter(edited, output_dir, pipe, base_model or _pipeline_path(pipe), concepts)
-    pipe.load_lora_weights(output_dir, adapter_name="default")
+    metadata = uce.adapter_metadata(edited, pipe, base_model or _pipeline_path(pipe), concepts)
+    pipe.transformer.add_adapter(edited.lora_config, adapter_name="default")  # the edit, in memory, for the judge
+    set_peft_model_state_dict(pipe.transformer, edited.state_dict, adapter_name="default")
     verified, message, validations = None, "No judge was given, so the erasure was not verified.", []
     if judge is not None:
         prompts = validation_prompts or _default_validation_prompts(concepts, seed)
@@ -362,14 +363,8 @@ def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_m
         validations = [{"base": True, **base.to_dict()}, result.to_dict()]
         message, verified = validator.report(result), _verified(validator, result, judge)
     _log(progress, f"UCE: rank {edited.rank}, {edited.seconds:.1f} s. {message}")
-    metadata = read_adapter_metadata(output_dir)
-    metadata.eval_results = verified
-    if verified is not None:  # the verified numbers go into the adapter's header as for trained adapters
-        from ..pipelines.pipeline_var import VARPipeline
-
-        VARPipeline.save_lora_weights(output_dir, transformer_lora_layers=edited.state_dict,
-                                      transformer_lora_adapter_metadata=edited.lora_config.to_dict(),
-                                      extra_metadata=metadata.to_safetensors_metadata())
+    metadata.eval_results = verified  # the verified numbers go into the adapter's header as for trained adapters
+    uce.write_adapter(edited, output_dir, pipe, metadata.base_model, metadata=metadata)
     images = {}
     if num_grid_images > 0:
         grid = before_after_grid(pipe, list(grid_prompts) or default_grid_prompts(pairs), num_grid_images, seed, config)
@@ -466,15 +461,11 @@ def _verified(validator: Validator, best: ValidationResult | None, judge) -> dic
 # outputs
 def _save_outputs(pipe, trainer, config, metadata, output_dir, pairs, grid_prompts, num_grid_images, seed) -> dict:
     """Write the adapter (or the fine-tuned modules) and the before/after grid; returns the card's images."""
-    from peft import LoraConfig
-
     from ..pipelines.pipeline_var import VARPipeline
 
     if config.finetune_mode == "lora":
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha,
-                          target_modules=list(config.lora_target_modules))
-        metadata.lora_rank, metadata.lora_alpha = lora.r, lora.lora_alpha
-        metadata.lora_target_modules = sorted(lora.target_modules)
+        metadata.lora_rank, metadata.lora_alpha = config.lora_rank, config.lora_alpha
+        metadata.lora_target_modules = sorted(config.lora_target_modules)
         VARPipeline.save_lora_weights(output_dir, transformer_lora_layers=trainer.trainable_state_dict(),
                                       transformer_lora_adapter_metadata=pipe.transformer.peft_config[
                                           "default"].to_dict(),

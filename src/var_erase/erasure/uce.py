@@ -286,28 +286,33 @@ def edit(
     return UCEEdit(state_dict, config, rank, error, hyperparameters, time.perf_counter() - start)
 
 
-def write_adapter(edited: UCEEdit, output_dir: str | os.PathLike, pipe, base_model: str | os.PathLike,
-                  concepts: Sequence[str] | None = None) -> str:
-    """Write ``edited`` as an erasure adapter folder, as training does: ``pytorch_lora_weights.safetensors`` (written
-    atomically by ``VARPipeline.save_lora_weights``) with the LoRA config and the
-    :class:`~var_erase.hub.AdapterMetadata` (method ``"uce"``, the edit's hyper-parameters, the base model's
-    fingerprint) in its header. ``concepts``: the
-    concept names for the metadata (default: the edited prompts). Returns the file's path; the folder loads with
-    ``pipe.load_lora_weights(output_dir)``."""
+def adapter_metadata(edited: UCEEdit, pipe, base_model: str | os.PathLike, concepts: Sequence[str] | None = None):
+    """The :class:`~var_erase.hub.AdapterMetadata` of ``edited`` (method ``"uce"``, the edit's hyper-parameters, the
+    base model's fingerprint); ``concepts``: the concept names (default: the edited prompts)."""
     from ..hub import AdapterMetadata
-    from ..pipelines.pipeline_var import VARPipeline
 
     names = list(concepts) if concepts else list(edited.hyperparameters.get("concepts", []))
-    metadata = AdapterMetadata.from_training(base_model, pipe.transformer, names, "uce",
-                                             hyperparameters=edited.hyperparameters | {"seconds": edited.seconds,
-                                                                                       "relative_error":
-                                                                                           edited.relative_error},
-                                             lora_config=edited.lora_config)
+    return AdapterMetadata.from_training(base_model, pipe.transformer, names, "uce",
+                                         hyperparameters=edited.hyperparameters | {"seconds": edited.seconds,
+                                                                                   "relative_error":
+                                                                                       edited.relative_error},
+                                         lora_config=edited.lora_config)
+
+
+def write_adapter(edited: UCEEdit, output_dir: str | os.PathLike, pipe, base_model: str | os.PathLike,
+                  concepts: Sequence[str] | None = None, metadata=None) -> str:
+    """Write ``edited`` as an erasure adapter folder, as training does: ``pytorch_lora_weights.safetensors`` (written
+    atomically by ``VARPipeline.save_lora_weights``) with the LoRA config and the
+    :class:`~var_erase.hub.AdapterMetadata` (``metadata``, default :func:`adapter_metadata`) in its header. Returns
+    the file's path; the folder loads with ``pipe.load_lora_weights(output_dir)``."""
+    from ..pipelines.pipeline_var import VARPipeline
+
+    metadata = metadata or adapter_metadata(edited, pipe, base_model, concepts)
     os.makedirs(output_dir, exist_ok=True)
     return VARPipeline.save_lora_weights(output_dir, transformer_lora_layers=edited.state_dict,
                                          transformer_lora_adapter_metadata=edited.lora_config.to_dict(),
                                          extra_metadata=metadata.to_safetensors_metadata())
 
 
-__all__ = ["DEFAULT_TARGET_MODULES", "UCEEdit", "align_tokens", "closed_form_edit", "edit", "lora_factors",
-           "rank_for_tolerance", "target_layers", "text_features", "write_adapter"]
+__all__ = ["DEFAULT_TARGET_MODULES", "UCEEdit", "adapter_metadata", "align_tokens", "closed_form_edit", "edit",
+           "lora_factors", "rank_for_tolerance", "target_layers", "text_features", "write_adapter"]

@@ -28,6 +28,7 @@ in its own dtype and is listed in the report :func:`enable_fp8` returns.
 from __future__ import annotations
 
 import torch
+import torch._dynamo
 from torch import nn
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -80,14 +81,7 @@ def _fused(fn):
     return run
 
 
-def _compiler_errors() -> tuple[type[BaseException], ...]:
-    from torch._dynamo import exc
-
-    return tuple(e for e in (getattr(exc, "TorchDynamoException", None), getattr(exc, "FailOnRecompileLimitHit", None))
-                 if e is not None)
-
-
-_COMPILER_ERRORS = _compiler_errors()
+_COMPILER_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
 def _disable_compiled(err: BaseException) -> None:
