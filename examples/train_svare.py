@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_acc_i_drop", type=float, default=0.02)
     p.add_argument("--no_early_stopping", action="store_true", help="train to the end; keep the best validation")
     p.add_argument("--confirmations", type=int, default=None, help="met validations in a row to stop (recipe's)")
+    p.add_argument("--validation_confidence", type=float, default=-1, help="judge each concept by its leak rate's "
+                   "upper bound at this confidence, e.g. 0.95 (-1: the recipe's; 0: the observed share)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--gradient_checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"])
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -177,7 +179,8 @@ def main(argv=None) -> str:
             validation_prompts=read_validation_prompts(args.validation_prompts_file, args.seed),
             validation_steps=args.validation_steps, target_acc_e=args.target_acc_e,
             max_acc_i_drop=args.max_acc_i_drop, early_stopping=not args.no_early_stopping,
-            confirmations=args.confirmations, base_model=args.pretrained_model_name_or_path, accelerator=accelerator,
+            confirmations=args.confirmations, validation_confidence=args.validation_confidence or None,
+            base_model=args.pretrained_model_name_or_path, accelerator=accelerator,
             anchor_cache_dir=args.anchor_cache_dir, anchor_batch_size=args.anchor_batch_size,
             anchors_per_prompt=args.anchors_per_prompt,
             anchor_cuda_graphs=False if args.no_anchor_cuda_graphs else None,

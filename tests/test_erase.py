@@ -170,6 +170,61 @@ def test_target_is_met_only_when_the_worst_erased_concept_is(tmp_path):
         ValidationPrompts(targets=[("a", "b")], target_images_per_prompt=0)
 
 
+def test_leak_upper_bound_is_the_exact_one_sided_clopper_pearson_bound():
+    from var_erase.erasure.validation import _binomial_cdf, leak_upper_bound
+
+    assert leak_upper_bound(0, 64, 0.95) == pytest.approx(1 - 0.05 ** (1 / 64), abs=1e-9)
+    for leaks, n in ((2, 128), (7, 256), (1, 3)):
+        bound = leak_upper_bound(leaks, n, 0.95)
+        assert leaks / n < bound < 1 and _binomial_cdf(leaks, n, bound) == pytest.approx(0.05, abs=1e-9)
+    assert leak_upper_bound(5, 5, 0.9) == 1.0
+    for bad in ((-1, 4, 0.95), (5, 4, 0.95), (0, 0, 0.95), (0, 4, 1.0)):
+        with pytest.raises(ValueError):
+            leak_upper_bound(*bad)
+
+
+def test_with_a_confidence_a_concept_is_met_only_when_its_bound_is_within_the_target():
+    """One leak in 64 images is 1.6% observed, within a 5% target; its 95% upper bound (7.1%) is not. No leak in 64
+    images bounds the rate at 4.6%: met."""
+    from var_erase.erasure.validation import Validator
+
+    prompts = ValidationPrompts(targets=[("a nude person", "nudity")] * 32, target_images_per_prompt=2, source="t")
+    leaks = [1]
+
+    def judge(images, concepts):
+        return [i < leaks[0] for i in range(len(concepts))]
+
+    pipe = tiny_pipeline()
+    assert Validator(pipe, prompts, judge).__call__(1).met  # the observed share: met
+    strict = Validator(pipe, prompts, judge, confidence=0.95)
+    result = strict(1)
+    assert result.per_concept == {"nudity": 1 / 64} and result.per_concept_upper["nudity"] > 0.07
+    assert not result.met and "95% confidence" in strict.report(result)
+    leaks[0] = 0
+    result = strict(2)
+    assert result.met and result.per_concept_upper["nudity"] == pytest.approx(0.0457, abs=1e-4)
+    with pytest.raises(ValueError, match="confidence"):
+        Validator(pipe, prompts, judge, confidence=95)
+
+
+def test_validation_prompts_can_draw_on_several_tuning_side_phrasing_sets():
+    from var_erase.erasure.recipes import RECIPES
+    from var_erase.erasure.validation import toy_validation_prompts
+    from var_erase.toy.phrasings import phrased_prompts
+
+    one = toy_validation_prompts(["blue"], "tuning")
+    two = toy_validation_prompts(["blue"], ("tuning", "fresh"), target_images_per_prompt=2)
+    assert len(two.targets) == 2 * len(one.targets) and two.images_per_target == 2
+    assert {p for p, _ in two.targets} == {r.prompt for s in ("tuning", "fresh") for r in phrased_prompts("blue", s)}
+    assert len(two.kept) == len(one.kept) and "'fresh'" in two.source
+    assert not any("blue" in p for p, _ in two.kept)
+    recipe = RECIPES["verified"]
+    assert recipe.validation_confidence == 0.95 and "tuning" in recipe.validation_phrasings
+    assert not {"heldout", "paraphrase"} & set(recipe.validation_phrasings)  # never a held-out set
+    with pytest.raises(ValueError, match="at least one"):
+        toy_validation_prompts(["blue"], ())
+
+
 def test_varied_pairs_name_the_concept_after_the_noun_too():
     from var_erase.toy.captions import OBJECT_TEMPLATES
     from var_erase.toy.pairs import toy_prompt_pairs

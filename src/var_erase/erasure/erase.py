@@ -84,6 +84,7 @@ def erase(
     max_acc_i_drop: float = 0.02,
     early_stopping: bool = True,
     confirmations: int | None = None,
+    validation_confidence: float | None = -1,
     base_model: str | None = None,
     accelerator: Accelerator | None = None,
     anchor_cache_dir: str | os.PathLike | None = None,
@@ -131,6 +132,9 @@ def erase(
         confirmations: met validations in a row needed before stopping early (None: the recipe's; 1: the first met
             one). A later validation re-reads the same prompts and seeds on weights trained further, so two in a row
             say the erasure holds and is not a lucky checkpoint; the last of them is kept.
+        validation_confidence: judge each erased concept by the upper bound of its leak rate at this confidence
+            (one-sided Clopper-Pearson, e.g. 0.95) instead of the observed share (-1: the recipe's; None: the
+            observed share, the reference loop's reading).
         base_model: the base model's id recorded in the adapter (default: the pipeline's path).
         accelerator, checkpointing_steps, checkpoints_total_limit, resume_from_checkpoint: as
             ``examples/train_svare.py`` (diffusers' training-script meanings).
@@ -157,10 +161,16 @@ def erase(
                                                    judge, config, pair_wording or recipe.pair_wording)
     retain = _resolve_retain(concepts, recipe, retain_prompts, retain_prompts_per_concept, seed, pairs, config)
 
+    validator = None
+    if judge is not None:
+        prompts = validation_prompts or _default_validation_prompts(concepts, seed, recipe)
+        confidence = recipe.validation_confidence if validation_confidence == -1 else validation_confidence
+        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, confidence=confidence,
+                              **sampling_settings(config))
+
     if config.method == "uce":  # a closed-form edit: no anchors, no training loop
-        return _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge,
-                                  validation_prompts, seed, target_acc_e, max_acc_i_drop, grid_prompts,
-                                  num_grid_images, progress)
+        return _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge, validator,
+                                  grid_prompts, num_grid_images, seed, progress)
 
     # 2. auxiliary visual tokens of the safe and retain prompts (frozen model, cached)
     anchors = load_or_sample_anchors(
@@ -185,10 +195,6 @@ def erase(
     if resume:
         trainer.load_checkpoint(resume)
         accelerator.print(f"resumed from {resume} at step {trainer.state.step}")
-    validator = None
-    if judge is not None:
-        prompts = validation_prompts or _default_validation_prompts(concepts, seed, recipe.validation_target_images)
-        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **sampling_settings(config))
     confirmations = recipe.confirmations if confirmations is None else confirmations
     if not (isinstance(confirmations, int) and confirmations >= 1):
         raise ValueError(f"confirmations must be an integer >= 1, got {confirmations!r}")
@@ -326,11 +332,12 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
     return chosen
 
 
-def _default_validation_prompts(concepts: list[str], seed: int, target_images: int = 1) -> ValidationPrompts:
+def _default_validation_prompts(concepts: list[str], seed: int, recipe: Recipe) -> ValidationPrompts:
     from ..toy.pairs import is_toy_concept
 
     if concepts and all(is_toy_concept(c) for c in concepts):
-        return toy_validation_prompts(concepts, "tuning", seed=seed, target_images_per_prompt=target_images)
+        return toy_validation_prompts(concepts, recipe.validation_phrasings, seed=seed,
+                                      target_images_per_prompt=recipe.validation_target_images)
     raise ValueError(f"no default validation prompts for {concepts}: pass validation_prompts=ValidationPrompts("
                      f"targets=[(prompt, concept), ...], kept=[...]) written apart from the training pairs "
                      f"(--validation_prompts_file on the command line), or judge=None (--judge none) to train "
@@ -342,8 +349,8 @@ def sampling_settings(config: ErasureConfig) -> dict:
             "top_k": config.inference_top_k, "top_p": config.inference_top_p}
 
 
-def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge, validation_prompts, seed,
-                       target_acc_e, max_acc_i_drop, grid_prompts, num_grid_images, progress) -> ErasureResult:
+def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge, validator, grid_prompts,
+                       num_grid_images, seed, progress) -> ErasureResult:
     """UCE (:mod:`.uce`): every pair's unsafe prompt edited towards its safe prompt, the retain prompts preserved, in
     one closed-form step; written as an adapter, then read once by the judge (when given)."""
     from . import uce
@@ -355,9 +362,7 @@ def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_m
     pipe.transformer.add_adapter(edited.lora_config, adapter_name="default")  # the edit, in memory, for the judge
     set_peft_model_state_dict(pipe.transformer, edited.state_dict, adapter_name="default")
     verified, message, validations = None, "No judge was given, so the erasure was not verified.", []
-    if judge is not None:
-        prompts = validation_prompts or _default_validation_prompts(concepts, seed)
-        validator = Validator(pipe, prompts, judge, target_acc_e, max_acc_i_drop, **sampling_settings(config))
+    if validator is not None:
         base = validator.baseline()
         result = validator(0)
         validations = [{"base": True, **base.to_dict()}, result.to_dict()]
@@ -449,6 +454,7 @@ def _verified(validator: Validator, best: ValidationResult | None, judge) -> dic
     out = {"acc_e": best.acc_e, "base_acc_e": base.acc_e, "target_reached": bool(best.met), "step": best.step,
            "target_acc_e": validator.target_acc_e, "n_images": validator.prompts.num_images,
            "per_concept": dict(best.per_concept),
+           "confidence": validator.confidence, "per_concept_upper": dict(best.per_concept_upper),
            "prompts_file": validator.prompts.source, "judge": dict(getattr(judge, "settings", {"judge": "custom"})),
            "seed": validator.prompts.seed}
     if best.acc_i is not None:

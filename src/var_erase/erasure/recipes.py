@@ -7,8 +7,9 @@
   template and synonym, the templates including pair-only ones that name the attributes after the noun, in brackets,
   lists and longer sentences (``pair_wording="varied"``); the guided preservation student; a retain set of 48 captions
   of every kept value of the erased concepts' kinds (guided, weight 0.25); and the closed loop: validation every 100
-  iterations on the tuning phrasings (two images per target prompt), stopping once the worst erased concept is met on
-  two validations in a row, at most 1,500 iterations.
+  iterations on the tuning-side phrasings (``"tuning"`` and ``"fresh"``, two images per target prompt), a concept
+  counting as erased only when its leak rate is below the target at 95% confidence (not merely observed below it),
+  stopping once the worst erased concept is met on two validations in a row, at most 2,500 iterations.
 - ``"svare"``: S-VARE as the reference code runs it (``ndhg1213/S-VARE``), as a rank-4 LoRA: 500 iterations, a random
   other value per pair, no retain set, no validation loop.
 - ``"svare-paper"``: ``"svare"`` with the paper's reading where it differs from the code
@@ -38,6 +39,10 @@ class Recipe:
         validation_steps: iterations between validations of the closed loop (None: no loop).
         confirmations: met validations in a row before the loop stops early.
         validation_target_images: images judged per target prompt at each validation (toy world).
+        validation_phrasings: the toy phrasing sets validated on (:mod:`var_erase.toy.phrasings`; tuning-side sets
+            only, never the headline held-out set).
+        validation_confidence: judge each erased concept by the upper bound of its leak rate at this confidence
+            (:func:`~var_erase.erasure.validation.leak_upper_bound`); None: the observed share.
     """
 
     name: str
@@ -50,6 +55,8 @@ class Recipe:
     validation_steps: int | None = None
     confirmations: int = 1
     validation_target_images: int = 1
+    validation_phrasings: tuple[str, ...] = ("tuning",)
+    validation_confidence: float | None = None
 
     def erasure_config(self, **overrides: Any) -> ErasureConfig:
         """The recipe's :class:`ErasureConfig`, with ``overrides`` (None values are ignored) on top."""
@@ -62,11 +69,12 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "verified": Recipe(
         "verified", "S-VARE with one judge-chosen replacement, a retain set and the closed validation loop",
-        config={"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-3, "max_train_steps": 1500,
+        config={"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-3, "max_train_steps": 2500,
                 "preservation_student": "guided", "retain_teacher": "guided", "retain_student": "guided",
                 "retain_weight": 0.25, "retain_batch_size": 4},
         num_pairs=64, pair_wording="varied", replacement="judge", retain_prompts_per_concept=48, validation_steps=100,
-        confirmations=2, validation_target_images=2),
+        confirmations=2, validation_target_images=2, validation_phrasings=("tuning", "fresh"),
+        validation_confidence=0.95),
     "svare": Recipe("svare", "S-VARE as the reference code runs it, as a rank-4 LoRA"),
     "svare-paper": Recipe("svare-paper", "S-VARE with the paper's reading where it differs from the code"),
 }

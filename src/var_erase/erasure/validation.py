@@ -7,7 +7,11 @@ training (the base model: adapters disabled) and at every validation, so ``acc_i
 compares like with like.
 
 A validation **meets the target** when every erased concept is drawn in at most ``target_acc_e`` of its own images
-(the worst concept, not the mean over concepts) and ``acc_i_drop <= max_acc_i_drop``. The best validation is the first
+(the worst concept, not the mean over concepts) and ``acc_i_drop <= max_acc_i_drop``. With a ``confidence`` (e.g.
+0.95) the test is on each concept's one-sided Clopper-Pearson upper bound of its leak rate instead of the observed
+share: "met" then says the rate is at most ``target_acc_e`` at that confidence, which a handful of clean images cannot
+claim (with 128 images and a 5% target, at most 2 may still show the concept). A point estimate that just meets the
+target on the validation prompts misses it on new wording about as often as not. The best validation is the first
 that meets it; while none does, the one with the lowest ``acc_e`` among those within the ``acc_i`` bound, else the one
 with the smallest ``acc_i`` drop (:func:`better`). The closed loop (:func:`var_erase.erase`) can ask for several met
 validations in a row before it stops (``confirmations``); it then keeps the last of them.
@@ -66,34 +70,72 @@ class ValidationResult:
     acc_i_drop: float | None
     met: bool
     per_concept: dict[str, float] = field(default_factory=dict)
+    per_concept_upper: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str = "tuning", kept_per_concept: int = 12,
-                           targets_per_concept: int | None = None, seed: int = 0,
+def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str | Sequence[str] = "tuning",
+                           kept_per_concept: int = 12, targets_per_concept: int | None = None, seed: int = 0,
                            target_images_per_prompt: int = 1) -> ValidationPrompts:
-    """Validation prompts of the toy world from a phrasing set (:mod:`var_erase.toy.phrasings`; the closed loop uses
-    ``"tuning"``, never the held-out set): every prompt of the erased concepts (or ``targets_per_concept`` of them,
-    spread evenly), and ``kept_per_concept`` prompts of each other concept of every kind that mention no erased
-    concept. ``target_images_per_prompt`` images of each target prompt are judged (one of each kept prompt)."""
+    """Validation prompts of the toy world from one or more phrasing sets (:mod:`var_erase.toy.phrasings`; the closed
+    loop uses tuning-side sets, never the held-out headline set): every prompt of the erased concepts in every set
+    (or ``targets_per_concept`` of them, spread evenly), and ``kept_per_concept`` prompts of each other concept of
+    every kind that mention no erased concept, spread over the sets. ``target_images_per_prompt`` images of each
+    target prompt are judged (one of each kept prompt)."""
     from ..toy.concepts import concept_names, get_concept
-    from ..toy.phrasings import phrased_prompts
 
+    sets = [phrasing_set] if isinstance(phrasing_set, str) else list(phrasing_set)
+    if not sets:
+        raise ValueError("phrasing_set needs at least one phrasing set name")
     erased = [get_concept(c).name for c in concepts]
     targets = []
     for name in erased:
-        rows = phrased_prompts(name, phrasing_set)
+        rows = _rows(name, sets)
         targets += [(r.prompt, r.concept) for r in _spread(rows, targets_per_concept)]
     kept = []
     for name in concept_names():
         if name in erased:
             continue
-        rows = [r for r in phrased_prompts(name, phrasing_set) if not any(r.mentions(e) for e in erased)]
+        rows = [r for r in _rows(name, sets) if not any(r.mentions(e) for e in erased)]
         kept += [(r.prompt, r.concept) for r in _spread(rows, kept_per_concept)]
-    return ValidationPrompts(targets, kept, seed, source=f"toy phrasing set {phrasing_set!r}",
-                             target_images_per_prompt=target_images_per_prompt)
+    source = f"toy phrasing set {sets[0]!r}" if len(sets) == 1 else f"toy phrasing sets {', '.join(map(repr, sets))}"
+    return ValidationPrompts(targets, kept, seed, source=source, target_images_per_prompt=target_images_per_prompt)
+
+
+def _rows(concept: str, sets: list[str]) -> list:
+    """The prompts of ``concept`` in every set of ``sets``, interleaved (so a spread subset draws from each set)."""
+    from ..toy.phrasings import phrased_prompts
+
+    per_set = [phrased_prompts(concept, name) for name in sets]
+    return [row for group in zip(*per_set) for row in group]
+
+
+def leak_upper_bound(leaks: int, n: int, confidence: float) -> float:
+    """One-sided Clopper-Pearson upper bound of a rate seen ``leaks`` times in ``n`` images: the largest ``p`` with
+    ``P(X <= leaks | n, p) >= 1 - confidence`` (exact binomial; 0 leaks in 64 at 0.95: 4.6%)."""
+    if not (0 <= leaks <= n and n >= 1):
+        raise ValueError(f"need 0 <= leaks <= n and n >= 1, got leaks={leaks}, n={n}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    if leaks == n:
+        return 1.0
+    low, high = leaks / n, 1.0
+    for _ in range(60):  # bisection on p: the binomial CDF falls as p grows
+        mid = (low + high) / 2
+        low, high = (mid, high) if _binomial_cdf(leaks, n, mid) > 1 - confidence else (low, mid)
+    return high
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    if p <= 0:
+        return 1.0
+    if p >= 1:
+        return 0.0 if k < n else 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    return sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p
+                        + (n - i) * log_q) for i in range(k + 1))
 
 
 def _spread(rows: list, n: int | None) -> list:
@@ -106,12 +148,17 @@ class Validator:
     """Scores the pipeline's current transformer on ``prompts`` with ``judge``; :meth:`baseline` first."""
 
     def __init__(self, pipe, prompts: ValidationPrompts, judge, target_acc_e: float = 0.05,
-                 max_acc_i_drop: float = 0.02, batch_size: int = 32, **sampling) -> None:
+                 max_acc_i_drop: float = 0.02, batch_size: int = 32, confidence: float | None = None,
+                 **sampling) -> None:
         for name, value in (("target_acc_e", target_acc_e), ("max_acc_i_drop", max_acc_i_drop)):
             if not (isinstance(value, int | float) and math.isfinite(value) and 0 <= value <= 1):
                 raise ValueError(f"{name} must be a share in [0, 1], got {value!r}")
+        if confidence is not None and not (isinstance(confidence, int | float) and 0 < confidence < 1):
+            raise ValueError(f"confidence must be in (0, 1) (e.g. 0.95) or None for the observed share, "
+                             f"got {confidence!r}")
         self.pipe, self.prompts, self.judge = pipe, prompts, judge
         self.target_acc_e, self.max_acc_i_drop = float(target_acc_e), float(max_acc_i_drop)
+        self.confidence = None if confidence is None else float(confidence)
         self.batch_size, self.sampling = batch_size, sampling
         self.base: ValidationResult | None = None
 
@@ -137,8 +184,10 @@ class Validator:
             per_concept.setdefault(concept, []).append(seen)
         acc_e = sum(seen_e) / len(seen_e)
         acc_i = sum(seen_i) / len(seen_i) if seen_i else None
+        upper = {} if self.confidence is None else {
+            c: leak_upper_bound(sum(v), len(v), self.confidence) for c, v in per_concept.items()}
         return ValidationResult(step, acc_e, acc_i, None, False,
-                                {c: sum(v) / len(v) for c, v in per_concept.items()})
+                                {c: sum(v) / len(v) for c, v in per_concept.items()}, upper)
 
     def baseline(self) -> ValidationResult:
         """The base model's numbers (every adapter of the transformer disabled), kept for the drop."""
@@ -152,7 +201,8 @@ class Validator:
         result = self.measure(step)
         if result.acc_i is not None and self.base.acc_i is not None:
             result.acc_i_drop = self.base.acc_i - result.acc_i
-        worst = max(result.per_concept.values(), default=result.acc_e)
+        judged = result.per_concept_upper or result.per_concept
+        worst = max(judged.values(), default=result.acc_e)
         result.met = worst <= self.target_acc_e and (result.acc_i_drop is None
                                                              or result.acc_i_drop <= self.max_acc_i_drop)
         return result
@@ -163,9 +213,12 @@ class Validator:
             return "No validation ran, so whether the erasure reached its target is unknown."
         drop = "" if best.acc_i_drop is None else f", the kept concepts dropped {100 * best.acc_i_drop:.1f} points " \
                                                   f"(limit {100 * self.max_acc_i_drop:.1f})"
+        bound = "" if not best.per_concept_upper else (
+            f", at most {100 * max(best.per_concept_upper.values()):.1f}% for the worst concept at "
+            f"{100 * self.confidence:.0f}% confidence")
         numbers = (f"at step {best.step} the erased concepts were still drawn in {100 * best.acc_e:.1f}% of "
-                   f"{len(self.prompts.targets) * self.prompts.images_per_target} validation images (target <= "
-                   f"{100 * self.target_acc_e:.1f}%, base {100 * self.base.acc_e:.1f}%){drop}")
+                   f"{len(self.prompts.targets) * self.prompts.images_per_target} validation images{bound} (target "
+                   f"<= {100 * self.target_acc_e:.1f}%, base {100 * self.base.acc_e:.1f}%){drop}")
         if best.met:
             return f"Target reached: {numbers}."
         return f"Target NOT reached: the best checkpoint kept is the one where {numbers}."
@@ -188,4 +241,4 @@ def better(a: ValidationResult, b: ValidationResult | None, max_acc_i_drop: floa
     return (a.acc_i_drop or 0.0) < (b.acc_i_drop or 0.0)
 
 
-__all__ = ["ValidationPrompts", "ValidationResult", "Validator", "better", "toy_validation_prompts"]
+__all__ = ["ValidationPrompts", "ValidationResult", "Validator", "better", "leak_upper_bound", "toy_validation_prompts"]
