@@ -7,8 +7,8 @@
 
 Each job runs ``examples/train_svare.py --concept C --seed S`` with no other training flag (the default recipe;
 ``jobs --recipe svare`` gives the published method's rows, ``jobs --recipe svare --method esd-x --tag=-esd-x`` a
-baseline's), then ``evaluate`` once per phrasing set (``--sets``,
-default ``fresh,heldout``: ``fresh`` is the headline, ``heldout`` was looked at while the recipe changed): every
+baseline's), then ``evaluate`` once per phrasing set (``--sets``, default ``fresh,heldout``; the headline set is
+``unseen`` since 2026-12-06, ``fresh`` and ``heldout`` were looked at while the recipe changed): every
 prompt of the set drawn twice with and without the adapter on the same seeds, read by the toy oracle
 (:mod:`var_erase.evaluation.heldout`). The base model's reads are the same for every job: ``base --cache_dir`` stores
 them once, and ``evaluate --base_cache`` reads them instead of drawing them again.
@@ -26,6 +26,7 @@ import torch
 
 from var_erase import DEFAULT_MODEL
 from var_erase.toy.concepts import concept_names
+from var_erase.toy.phrasings import PHRASING_SETS
 
 TEN = ["red", "green", "blue", "pink", "triangle", "star", "heart", "crescent", "striped", "dotted"]
 ACC_E_TARGET, ACC_I_DROP, ACC_I_DROP_TEN = 0.05, 0.02, 0.03
@@ -51,6 +52,9 @@ def jobs(args) -> None:
     recipe += f" --method {args.method}" if args.method else ""
     sets = [TEN] if args.ten else []  # the longest job first
     sets += [[c] for c in (args.concepts.split(",") if args.concepts else concept_names())]
+    unknown = [name for name in args.sets.split(",") if name not in PHRASING_SETS]
+    if unknown:
+        raise SystemExit(f"unknown phrasing set(s) {unknown} in --sets; choose from {list(PHRASING_SETS)}")
     for seed in _seeds(args.seeds):
         for concepts in sets:
             name = f"{'ten' if len(concepts) > 1 else concepts[0]}{args.tag}-s{seed}"
@@ -195,20 +199,21 @@ def main(argv=None):
     j.add_argument("--tag", default="", help="appended to job names (e.g. -svare; write --tag=-svare)")
     j.add_argument("--method", default=None, help="train_svare.py --method (baselines: esd-u, esd-x, fmn, uce, ...)")
     j.add_argument("--estimate_s", type=float, default=120)
-    j.add_argument("--sets", default="fresh,heldout", help="phrasing sets to evaluate on, comma-separated")
+    j.add_argument("--sets", default="fresh,heldout",
+                   help=f"phrasing sets to evaluate on, comma-separated, from {', '.join(PHRASING_SETS)}")
     j.add_argument("--base_cache", default=None, help="folder of the base model's stored reads (see base)")
     e = sub.add_parser("evaluate", help="one adapter on the held-out phrasings")
     e.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
     e.add_argument("--lora", required=True)
     e.add_argument("--target_concept", action="append", required=True)
-    e.add_argument("--phrasing_set", default="fresh")
+    e.add_argument("--phrasing_set", default="fresh", choices=PHRASING_SETS)
     e.add_argument("--images_per_prompt", type=int, default=2)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--base_cache", default=None, help="folder of stored base reads (read, or written if missing)")
     e.add_argument("--output_json", required=True)
     b = sub.add_parser("base", help="how often the base model draws each concept of a phrasing set")
     b.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
-    b.add_argument("--phrasing_set", default="fresh")
+    b.add_argument("--phrasing_set", default="fresh", choices=PHRASING_SETS)
     b.add_argument("--images_per_prompt", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--cache_dir", default=None, help="also store the reads for evaluate --base_cache")

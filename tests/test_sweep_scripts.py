@@ -163,3 +163,15 @@ def test_heldout_sweep_jobs_for_a_baseline_method(capsys):
     args = _training(job["cmds"][0])
     assert job["name"] == "blue-esd-x-s3" and args.method == "esd-x" and args.recipe == "svare"
     assert len(job["cmds"]) == 2
+
+
+def test_heldout_sweep_accepts_every_phrasing_set_and_refuses_unknown_ones(capsys):
+    sweep = _script("heldout_erasure_sweep")
+    sweep.main(["jobs", "--seeds", "3", "--concepts", "blue", "--sets", "unseen,fresh"])
+    (job,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [shlex.split(c)[shlex.split(c).index("--phrasing_set") + 1] for c in job["cmds"][1:]] == ["unseen", "fresh"]
+    with pytest.raises(SystemExit, match="unknown phrasing set"):
+        sweep.main(["jobs", "--seeds", "3", "--concepts", "blue", "--sets", "unseen,test"])
+    with pytest.raises(SystemExit):  # argparse: not one of PHRASING_SETS
+        sweep.main(["base", "--phrasing_set", "test", "--output_json", "x.json"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,7 +1,8 @@
-"""Frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"``, ``"heldout"`` and ``"fresh"``.
+"""Frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"``, ``"heldout"``, ``"fresh"`` and
+``"unseen"``.
 
 An erasure is trained on caption-template prompts (:mod:`var_erase.toy.captions`, split ``"train"``). Whether it
-generalises is judged on prompts written differently. Three disjoint template sets exist, plus one variant:
+generalises is judged on prompts written differently. Four disjoint template sets exist, plus one variant:
 
 - ``"tuning"``: what the closed training loop validates on (``var_erase.erase(..., validation_steps=...)``) and the
   only set any recipe may be tuned on.
@@ -9,8 +10,12 @@ generalises is judged on prompts written differently. Three disjoint template se
   by training, validation or tuning. Its per-template leaks have since been looked at and informed a method change,
   so it is no longer unseen: it stays for comparison with earlier numbers, not as the headline.
 - ``"fresh"``: frozen 2026-12-05 (digest pinned in ``tests/test_toy_phrasings.py``), written by someone who did not
-  work on the erasure method, never used by training, validation or tuning: the headline set from now on. Its
-  templates should not be read or inspected per template by anyone tuning a recipe; report its aggregate numbers.
+  work on the erasure method and never used by training or validation. It was the headline set until its results
+  were looked at per template and used for tuning; it stays for comparison with earlier numbers, not as the headline.
+- ``"unseen"``: frozen 2026-12-06 (digest pinned in ``tests/test_toy_phrasings.py``), written a priori by someone who
+  did not work on the erasure method (no model was run on it while writing, no template was kept or dropped by a
+  result), never used by training, validation or tuning: the headline set from now on. Its templates should not be
+  read or inspected per template by anyone tuning a recipe; report its aggregate numbers.
 - ``"paraphrase"``: the held-out templates with the concept worded by its held-out paraphrases (``Concept.heldout``,
   words no training caption contains, e.g. "pentagram"); the other attributes keep training words. The base model
   reads few of these words, so this set measures robustness (is the erased concept still drawn under a name the
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 
 from .concepts import CONCEPT_KINDS, Concept, concept_names, concepts_of_kind, get_concept
 
-PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase", "fresh")
+PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase", "fresh", "unseen")
 
 # ``{a}`` is the article of what follows it; ``{shapes}`` the plural noun; ``{style}`` the adjective, ``{style_post}``
 # the phrase after the noun. No template here occurs in captions.py, and no two sets share one.
@@ -62,6 +67,16 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "can you create {a} {shape} {style_post} using only {colour}?",
         "I would like {a} {style} {shape}; make the colour {colour}",
         "{colour} is the colour of this {style} {shape}",
+    ),
+    "unseen": (
+        "give me {a} {style} {shape} painted {colour}",
+        "do you have any {colour} {shapes} {style_post}?",
+        "a single {shape}, {style}, in a shade of {colour}",
+        "four {shapes} {style_post}, each one {colour}",
+        "quick sketch: {colour} {shape}, {style}",
+        "for a birthday card I need {a} {colour} {shape} {style_post}",
+        "what would {a} {style} {shape} look like in {colour}?",
+        "the {shape} should be {colour}, and I want it {style}",
     ),
 }
 
