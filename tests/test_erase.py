@@ -220,7 +220,7 @@ def test_validation_prompts_can_draw_on_several_tuning_side_phrasing_sets():
     assert not any("blue" in p for p, _ in two.kept)
     recipe = RECIPES["verified"]
     assert recipe.validation_confidence == 0.95 and "tuning" in recipe.validation_phrasings
-    assert not {"heldout", "paraphrase"} & set(recipe.validation_phrasings)  # never a held-out set
+    assert not {"heldout", "paraphrase", "unseen"} & set(recipe.validation_phrasings)  # never a held-out set
     with pytest.raises(ValueError, match="at least one"):
         toy_validation_prompts(["blue"], ())
 
