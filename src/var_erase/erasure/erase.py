@@ -417,10 +417,10 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
             postfix.update(acc_e=f"{result.acc_e:.3f}")
             if result.acc_i is not None:
                 postfix.update(acc_i=f"{result.acc_i:.3f}")
+            streak = streak + 1 if result.met else 0
             _log(progress, f"step {result.step}: acc_e {result.acc_e:.3f}"
                  + (f", acc_i {result.acc_i:.3f} (drop {result.acc_i_drop:+.3f})" if result.acc_i is not None else "")
                  + (f" - target met ({streak} of {confirmations} in a row)" if result.met else ""))
-            streak = streak + 1 if result.met else 0
             confirmed = early_stopping and streak >= confirmations
             if confirmed or better(result, best[0], validator.max_acc_i_drop):
                 best[0], best_state = result, {k: v.detach().clone() for k, v in trainer.trainable_state_dict().items()}
