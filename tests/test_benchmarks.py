@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = ["--config", "tiny", "--device", "cpu", "--warmup", "1"]
@@ -145,3 +146,44 @@ def test_erasure_benchmark_refuses_too_few_anchor_prompts_for_the_accumulated_ba
     with pytest.raises(SystemExit):
         bench("bench_erasure").parse_args(["--gradient_accumulation_steps", "0"])
     assert "--gradient_accumulation_steps must be >= 1" in capsys.readouterr().err
+
+
+def test_offload_benchmark_reports_every_mode_and_skips_offloading_without_cuda(bench, tmp_path, capsys):
+    out = tmp_path / "offload.json"
+    report = bench("bench_offload").main(TINY[:4] + ["--warmup", "0", "--iters", "1", "--output_json", str(out)])
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())  # stdout holds only the JSON
+    results = {r["mode"]: r for r in report["results"]}
+    assert list(results) == ["none", "model_cpu_offload", "sequential_cpu_offload", "group_block", "group_leaf"]
+    none = results.pop("none")
+    _assert_positive(none, ["first_call_s", "peak_memory_gib", "setup_s"])
+    _assert_positive(none["s_per_image"], ["median", "mean", "min", "max"])
+    assert none["max_abs_diff_vs_none"] == 0.0 and none["matches_none"] is True
+    assert all("CUDA" in r["skipped"] and len(r) == 2 for r in results.values())
+    assert report["fits"]["below_12_gib"] == [] and report["fits"]["peak_reserved_gib"] == {}
+    assert (report["height"], report["batch_size"], report["text_encoder"]) == (64, 1, "stub (one T5 layer)")
+    assert report["environment"]["device"] == "cpu" and report["settings"]["guidance_scale"] == 4.0
+
+
+def test_offload_modes_give_the_plain_image_and_leave_the_base_pipeline_without_hooks(bench, monkeypatch):
+    """The hooks also run with the CPU as the execution device: each mode's copy gives the ``none`` image, the base
+    pipeline stays hook-free, and a mode that raises is reported without stopping the run."""
+    offload = bench("bench_offload")
+    args = offload.parse_args(TINY[:4] + ["--warmup", "0", "--iters", "1"])
+    cpu, base = offload.resolve_device("cpu"), offload.build_base(args)
+    results, images = [], {}
+    for mode in ("none", "model_cpu_offload", "group_block"):
+        result, images[mode] = offload.measure_mode(base, mode, args, cpu)
+        results.append(result)
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(offload, "apply_mode", out_of_memory)
+    results.append(offload.run_mode(base, "none", args, cpu)[0])
+    offload.compare_to_none(results, images)
+    assert [r.get("max_abs_diff_vs_none") for r in results] == [0.0, 0.0, 0.0, None]
+    assert results[-1] == {"mode": "none", "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert not any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook")
+                   for m in (base.text_encoder, base.transformer, base.vae))
+    fits = offload.fits_summary([{"mode": "a", "peak_reserved_gib": 11.9}, {"mode": "b", "peak_reserved_gib": 12.0},
+                                 {"mode": "c", "error": "OutOfMemoryError"}])
+    assert fits["below_12_gib"] == ["a"] and fits["below_16_gib"] == ["a", "b"]
