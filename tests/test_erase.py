@@ -149,6 +149,20 @@ def test_confirmations_need_met_validations_in_a_row_and_keep_the_last(tmp_path)
         _erase(tmp_path, tiny_pipeline(), judge, validation_steps=2, confirmations=0)
 
 
+def test_a_met_validation_that_is_never_confirmed_ends_not_reached_and_is_kept(tmp_path):
+    pipe = tiny_pipeline()
+    judge = ScheduledJudge(pipe, [1.0, 0.0, 1.0])  # met at step 2 only; every later validation still sees it
+    result = _erase(tmp_path, pipe, judge, validation_steps=2, confirmations=2)
+    assert result.steps == 8 and result.reached is False
+    assert result.message.startswith("Target NOT reached: it was met, but not on enough validations in a row")
+    verified = read_adapter_metadata(tmp_path / "out").eval_results
+    assert verified["step"] == 2 and verified["confirmed"] is False and verified["target_reached"] is False
+    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    for key, value in judge.weights[1].items():  # read at the step-2 validation (0: the base read) and kept
+        match = [k for k in saved if k.endswith(key.removeprefix("transformer."))]
+        assert match and torch.equal(saved[match[0]], value), key
+
+
 def test_target_is_met_only_when_the_worst_erased_concept_is(tmp_path):
     """Two erased concepts: one fully gone, the other still in a quarter of its images. The mean (0.125) would pass a
     0.15 target; the worst concept (0.25) does not."""

@@ -396,7 +396,7 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
     best: list[ValidationResult | None] = [None]
     best_state: dict[str, torch.Tensor] | None = None
     validations: list[dict] = []
-    streak = 0
+    streak = longest = 0
     if validator is not None:
         base = validator.baseline()
         validations.append({"base": True, **base.to_dict()})
@@ -418,6 +418,7 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
             if result.acc_i is not None:
                 postfix.update(acc_i=f"{result.acc_i:.3f}")
             streak = streak + 1 if result.met else 0
+            longest = max(longest, streak)
             _log(progress, f"step {result.step}: acc_e {result.acc_e:.3f}"
                  + (f", acc_i {result.acc_i:.3f} (drop {result.acc_i_drop:+.3f})" if result.acc_i is not None else "")
                  + (f" - target met ({streak} of {confirmations} in a row)" if result.met else ""))
@@ -430,6 +431,8 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
     bar.close()
     if best_state is not None and best[0].step != trainer.state.step:
         trainer.load_trainable_state_dict(best_state)
+    if best[0] is not None and best[0].met:
+        best[0].confirmed = longest >= confirmations
     return best, validations
 
 
@@ -451,9 +454,9 @@ def _verified(validator: Validator, best: ValidationResult | None, judge) -> dic
     if best is None:
         return None
     base = validator.base
-    out = {"acc_e": best.acc_e, "base_acc_e": base.acc_e, "target_reached": bool(best.met), "step": best.step,
+    out = {"acc_e": best.acc_e, "base_acc_e": base.acc_e, "target_reached": bool(best.reached), "step": best.step,
            "target_acc_e": validator.target_acc_e, "n_images": validator.prompts.num_images,
-           "per_concept": dict(best.per_concept),
+           "per_concept": dict(best.per_concept), "confirmed": best.confirmed,
            "confidence": validator.confidence, "per_concept_upper": dict(best.per_concept_upper),
            "prompts_file": validator.prompts.source, "judge": dict(getattr(judge, "settings", {"judge": "custom"})),
            "seed": validator.prompts.seed}

@@ -14,7 +14,9 @@ claim (with 128 images and a 5% target, at most 2 may still show the concept). A
 target on the validation prompts misses it on new wording about as often as not. The best validation is the first
 that meets it; while none does, the one with the lowest ``acc_e`` among those within the ``acc_i`` bound, else the one
 with the smallest ``acc_i`` drop (:func:`better`). The closed loop (:func:`var_erase.erase`) can ask for several met
-validations in a row before it stops (``confirmations``); it then keeps the last of them.
+validations in a row before it stops (``confirmations``); it then keeps the last of them. A run whose met validations
+never made such a streak ends "NOT reached" (a single met read is too often luck: on new wording such runs leaked
+up to 9%), though the met checkpoint is still the one kept.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ class ValidationResult:
     met: bool
     per_concept: dict[str, float] = field(default_factory=dict)
     per_concept_upper: dict[str, float] = field(default_factory=dict)
+    confirmed: bool | None = None  # set by the closed loop: met on enough validations in a row (None: not asked)
+
+    @property
+    def reached(self) -> bool:
+        """Met, and (where the loop asked for it) confirmed by the validations after it."""
+        return self.met and self.confirmed is not False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -219,8 +227,11 @@ class Validator:
         numbers = (f"at step {best.step} the erased concepts were still drawn in {100 * best.acc_e:.1f}% of "
                    f"{len(self.prompts.targets) * self.prompts.images_per_target} validation images{bound} (target "
                    f"<= {100 * self.target_acc_e:.1f}%, base {100 * self.base.acc_e:.1f}%){drop}")
-        if best.met:
+        if best.reached:
             return f"Target reached: {numbers}."
+        if best.met:
+            return (f"Target NOT reached: it was met, but not on enough validations in a row to trust it; the "
+                    f"checkpoint kept is the one where {numbers}.")
         return f"Target NOT reached: the best checkpoint kept is the one where {numbers}."
 
 
