@@ -1,13 +1,13 @@
 """The default recipe on every concept of the toy world, judged on the frozen held-out phrasings (worst case first).
 
     python scripts/heldout_erasure_sweep.py jobs --seeds 3-5 > jobs.jsonl        # 20 concepts (--ten: + ten at once)
-    python scripts/heldout_erasure_sweep.py base --phrasing_set fresh --images_per_prompt 2 --cache_dir outputs/base
+    python scripts/heldout_erasure_sweep.py base --phrasing_set unseen --images_per_prompt 2 --cache_dir outputs/base
     python scripts/run_jobs.py jobs.jsonl --parallel 16 --output_dir outputs/heldout   # on the GPU machine
-    python scripts/heldout_erasure_sweep.py table outputs/heldout --report eval_fresh.json  # worst concept, seed
+    python scripts/heldout_erasure_sweep.py table outputs/heldout --report eval_unseen.json  # worst concept, seed
 
 Each job runs ``examples/train_svare.py --concept C --seed S`` with no other training flag (the default recipe;
 ``jobs --recipe svare`` gives the published method's rows, ``jobs --recipe svare --method esd-x --tag=-esd-x`` a
-baseline's), then ``evaluate`` once per phrasing set (``--sets``, default ``fresh,heldout``; the headline set is
+baseline's), then ``evaluate`` once per phrasing set (``--sets``, default ``unseen``: the headline set is
 ``unseen`` since 2026-12-06, ``fresh`` and ``heldout`` were looked at while the recipe changed): every
 prompt of the set drawn twice with and without the adapter on the same seeds, read by the toy oracle
 (:mod:`var_erase.evaluation.heldout`). The base model's reads are the same for every job: ``base --cache_dir`` stores
@@ -199,28 +199,28 @@ def main(argv=None):
     j.add_argument("--tag", default="", help="appended to job names (e.g. -svare; write --tag=-svare)")
     j.add_argument("--method", default=None, help="train_svare.py --method (baselines: esd-u, esd-x, fmn, uce, ...)")
     j.add_argument("--estimate_s", type=float, default=120)
-    j.add_argument("--sets", default="fresh,heldout",
+    j.add_argument("--sets", default="unseen",
                    help=f"phrasing sets to evaluate on, comma-separated, from {', '.join(PHRASING_SETS)}")
     j.add_argument("--base_cache", default=None, help="folder of the base model's stored reads (see base)")
     e = sub.add_parser("evaluate", help="one adapter on the held-out phrasings")
     e.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
     e.add_argument("--lora", required=True)
     e.add_argument("--target_concept", action="append", required=True)
-    e.add_argument("--phrasing_set", default="fresh", choices=PHRASING_SETS)
+    e.add_argument("--phrasing_set", default="unseen", choices=PHRASING_SETS)
     e.add_argument("--images_per_prompt", type=int, default=2)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--base_cache", default=None, help="folder of stored base reads (read, or written if missing)")
     e.add_argument("--output_json", required=True)
     b = sub.add_parser("base", help="how often the base model draws each concept of a phrasing set")
     b.add_argument("--pretrained_model_name_or_path", default=DEFAULT_MODEL)
-    b.add_argument("--phrasing_set", default="fresh", choices=PHRASING_SETS)
+    b.add_argument("--phrasing_set", default="unseen", choices=PHRASING_SETS)
     b.add_argument("--images_per_prompt", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--cache_dir", default=None, help="also store the reads for evaluate --base_cache")
     b.add_argument("--output_json", required=True)
     t = sub.add_parser("table", help="aggregate a sweep folder")
     t.add_argument("folder")
-    t.add_argument("--report", default="eval_fresh.json", help="the per-job report file to aggregate")
+    t.add_argument("--report", default="eval_unseen.json", help="the per-job report file to aggregate")
     t.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
     return {"jobs": jobs, "evaluate": evaluate, "base": base, "table": table}[args.command](args)

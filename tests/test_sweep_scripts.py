@@ -135,7 +135,7 @@ def test_heldout_sweep_jobs_train_then_judge_each_phrasing_set(capsys):
     train, *evaluations = jobs[0]["cmds"]
     args = _training(train)
     assert args.concept == ["red"] and args.seed == 3 and args.recipe == "verified"
-    assert [shlex.split(c)[shlex.split(c).index("--phrasing_set") + 1] for c in evaluations] == ["fresh", "heldout"]
+    assert [shlex.split(c)[shlex.split(c).index("--phrasing_set") + 1] for c in evaluations] == ["unseen"]
     assert all("--base_cache outputs/base" in c and "eval_" in c for c in evaluations)
 
 
