@@ -134,6 +134,26 @@ def test_replacement_is_the_kept_value_the_judge_least_confuses_with_the_target(
     assert chosen == {"triangle": "square"}
 
 
+def test_replacement_can_be_judged_on_every_prompt_of_the_validation_sets_and_every_image():
+    """Circle (the first kept shape) is read as the target only in second images past its 16th prompt: a 16-image
+    sample sees a tie and keeps circle; judging every prompt twice sees the confusion and picks square."""
+    from var_erase.erasure.config import ErasureConfig
+
+    pipe, sizes = tiny_pipeline(), []
+
+    def judge(images, concepts):
+        sizes.append(len(concepts))
+        if len(set(concepts)) > 1:  # "is each image what its prompt asked for?"
+            return [True] * len(concepts)
+        per_value = len(concepts) // 7  # seven kept shapes, circle's images first
+        return [i < per_value and i >= 32 and i % 2 == 1 for i in range(len(concepts))]
+
+    assert judge_replacements(pipe, judge, ["triangle"], ErasureConfig()) == {"triangle": "circle"}
+    full = judge_replacements(pipe, judge, ["triangle"], ErasureConfig(), prompts_per_value=None,
+                              phrasing_sets=("tuning",), images_per_prompt=2)
+    assert full == {"triangle": "square"} and sizes[-1] == 7 * 32 * 2
+
+
 def test_confirmations_need_met_validations_in_a_row_and_keep_the_last(tmp_path):
     pipe = tiny_pipeline()
     judge = ScheduledJudge(pipe, [1.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # met at 1, lost at 2, met at 3 and 4

@@ -41,6 +41,9 @@ class Recipe:
         validation_target_images: images judged per target prompt at each validation (toy world).
         validation_phrasings: the toy phrasing sets validated on (:mod:`var_erase.toy.phrasings`; tuning-side sets
             only, never the headline held-out set).
+        replacement_prompts_per_value: with ``replacement="judge"``, base-model prompts per kept value the choice is
+            judged on (tuning phrasings, one image each); None: every prompt of ``validation_phrasings``, drawn
+            ``validation_target_images`` times (a few percent of confusion is invisible in 16 images).
         validation_confidence: judge each erased concept by the upper bound of its leak rate at this confidence
             (:func:`~var_erase.erasure.validation.leak_upper_bound`); None: the observed share.
     """
@@ -57,6 +60,7 @@ class Recipe:
     validation_target_images: int = 1
     validation_phrasings: tuple[str, ...] = ("tuning",)
     validation_confidence: float | None = None
+    replacement_prompts_per_value: int | None = 16
 
     def erasure_config(self, **overrides: Any) -> ErasureConfig:
         """The recipe's :class:`ErasureConfig`, with ``overrides`` (None values are ignored) on top."""

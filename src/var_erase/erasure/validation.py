@@ -100,19 +100,19 @@ def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str | Sequence
     erased = [get_concept(c).name for c in concepts]
     targets = []
     for name in erased:
-        rows = _rows(name, sets)
-        targets += [(r.prompt, r.concept) for r in _spread(rows, targets_per_concept)]
+        rows = rows_of_sets(name, sets)
+        targets += [(r.prompt, r.concept) for r in spread_evenly(rows, targets_per_concept)]
     kept = []
     for name in concept_names():
         if name in erased:
             continue
-        rows = [r for r in _rows(name, sets) if not any(r.mentions(e) for e in erased)]
-        kept += [(r.prompt, r.concept) for r in _spread(rows, kept_per_concept)]
+        rows = [r for r in rows_of_sets(name, sets) if not any(r.mentions(e) for e in erased)]
+        kept += [(r.prompt, r.concept) for r in spread_evenly(rows, kept_per_concept)]
     source = f"toy phrasing set {sets[0]!r}" if len(sets) == 1 else f"toy phrasing sets {', '.join(map(repr, sets))}"
     return ValidationPrompts(targets, kept, seed, source=source, target_images_per_prompt=target_images_per_prompt)
 
 
-def _rows(concept: str, sets: list[str]) -> list:
+def rows_of_sets(concept: str, sets: list[str]) -> list:
     """The prompts of ``concept`` in every set of ``sets``, interleaved (so a spread subset draws from each set)."""
     from ..toy.phrasings import phrased_prompts
 
@@ -146,7 +146,7 @@ def _binomial_cdf(k: int, n: int, p: float) -> float:
                         + (n - i) * log_q) for i in range(k + 1))
 
 
-def _spread(rows: list, n: int | None) -> list:
+def spread_evenly(rows: list, n: int | None) -> list:
     if n is None or n >= len(rows):
         return rows
     return [rows[(i * len(rows)) // n] for i in range(n)]
