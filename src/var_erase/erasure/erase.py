@@ -280,11 +280,11 @@ def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
     concepts = check_toy_concepts(concepts)
     warn_if_styles_miss_fine_scales(concepts, config.num_train_scales)
     if not replacements and recipe.replacement == "judge" and judge is not None:
-        per_value = recipe.replacement_prompts_per_value
-        sample = {"prompts_per_value": per_value} if per_value else {  # None: as large as a validation
-            "prompts_per_value": None, "phrasing_sets": recipe.validation_phrasings,
-            "images_per_prompt": recipe.validation_target_images}
-        chosen = judge_replacements(pipe, judge, concepts, config, seed, **sample)
+        full = not recipe.replacement_prompts_per_value  # None: a sample as large as a validation
+        chosen = judge_replacements(pipe, judge, concepts, config, seed,
+                                    prompts_per_value=None if full else recipe.replacement_prompts_per_value,
+                                    phrasing_sets=recipe.validation_phrasings if full else ("tuning",),
+                                    images_per_prompt=recipe.validation_target_images if full else 1)
         replacements = [f"{c}={r}" for c, r in chosen.items()]
     generated = toy_prompt_pairs(concepts, num_pairs or recipe.num_pairs, seed, replacements=replacements,
                                  wording=wording)
@@ -332,6 +332,7 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
                                  **sampling_settings(config))
     owner = [v for v in values for _ in rows_by_value[v] for _ in range(images_per_prompt)]
     drawn = judge(images, owner)
+    images_of = {value: [i for i, v in enumerate(owner) if v == value] for value in values}
     chosen = {}
     for concept in (get_concept(c) for c in concepts):
         read_as = judge(images, [concept.name] * len(owner))
@@ -339,7 +340,7 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
         for order, value in enumerate(values):
             if get_concept(value).kind != concept.kind:
                 continue
-            idx = [i for i, v in enumerate(owner) if v == value]
+            idx = images_of[value]
             confusion = sum(read_as[i] for i in idx) / len(idx)  # every image of the value's prompts
             adherence = sum(drawn[i] for i in idx) / len(idx)
             scores.append((confusion, -adherence, order, value))
