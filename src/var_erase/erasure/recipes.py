@@ -3,7 +3,8 @@
 - ``"verified"`` (the default of :func:`var_erase.erase` and ``examples/train_svare.py``): S-VARE's losses with the
   extensions the toy-world studies found to make erasure surgical (docs/results.md): LoRA rank 8 at 1e-3 on every
   scale; one replacement per erased concept, the kept value the judge least confuses with it on the base model's
-  own images (a clean substitute instead of a blend of several); 64 pairs per concept worded evenly over every
+  own images (a clean substitute instead of a blend of several), judged on as many images as a validation (every
+  prompt of the validation phrasings, twice); 64 pairs per concept worded evenly over every
   template and synonym, the templates including pair-only ones that name the attributes after the noun, in brackets,
   lists and longer sentences (``pair_wording="varied"``); the guided preservation student; a retain set of 48 captions
   of every kept value of the erased concepts' kinds (guided, weight 0.25); and the closed loop: validation every 100
@@ -78,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
                 "retain_weight": 0.25, "retain_batch_size": 4},
         num_pairs=64, pair_wording="varied", replacement="judge", retain_prompts_per_concept=48, validation_steps=100,
         confirmations=2, validation_target_images=2, validation_phrasings=("tuning", "fresh"),
-        validation_confidence=0.95),
+        validation_confidence=0.95, replacement_prompts_per_value=None),
     "svare": Recipe("svare", "S-VARE as the reference code runs it, as a rank-4 LoRA"),
     "svare-paper": Recipe("svare-paper", "S-VARE with the paper's reading where it differs from the code"),
 }
