@@ -97,6 +97,35 @@ def test_the_bias_in_the_matmul_epilogue_matches_the_bias_added_after_it(monkeyp
     torch.testing.assert_close(fused, separate, rtol=1e-2, atol=1e-2)
 
 
+def test_a_cpu_scaled_mm_without_rowwise_scales_falls_back_to_the_same_product(monkeypatch):
+    """torch 2.11's CPU ``_scaled_mm`` takes per-tensor scales only (an internal assert); the layer then emulates the
+    row-wise product in float32, from the same e4m3 operands, and keeps doing so without asking again."""
+    import var_erase.models.fp8 as fp8
+
+    layer = _linear()
+    enable_fp8(layer)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        native = layer(x)
+        calls = []
+
+        def refuse(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("INTERNAL ASSERT FAILED: Now _scaled_mm only supports per-tensor scaling for CPU "
+                               "backend.")
+
+        monkeypatch.setattr(torch, "_scaled_mm", refuse)
+        monkeypatch.setattr(fp8, "_ROWWISE_SCALED_MM", {})
+        emulated = [layer(x), layer(x)]
+    assert len(calls) == 1 and fp8._ROWWISE_SCALED_MM == {"cpu": False}
+    for got in emulated:
+        torch.testing.assert_close(got, native, rtol=1e-2, atol=1e-2)  # summation order and bf16 rounding only
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other failure")))
+    monkeypatch.setattr(fp8, "_ROWWISE_SCALED_MM", {})
+    with torch.no_grad(), pytest.raises(RuntimeError, match="other failure"):  # any other error is not swallowed
+        layer(x)
+
+
 def test_rowwise_quantization_keeps_every_row_within_e4m3_range_and_handles_zero_rows():
     w = torch.randn(4, 32) * torch.tensor([[1e-3], [1.0], [1e3], [0.0]])
     w_fp8, scale = quantize_rowwise(w)

@@ -119,8 +119,32 @@ def fp8_matmul(x_MK: torch.Tensor, w_fp8_NK: torch.Tensor, w_scale_1N: torch.Ten
     ``scale_b`` (1, N), both float32 and contiguous, with a bf16 result.
     """
     x_fp8, x_scale_M1 = quantize_rowwise_fused(x_MK)
-    return torch._scaled_mm(x_fp8, w_fp8_NK.t(), scale_a=x_scale_M1, scale_b=w_scale_1N, bias=bias_N,
-                            out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
+    device = x_MK.device.type
+    if _ROWWISE_SCALED_MM.get(device, True):
+        try:
+            return torch._scaled_mm(x_fp8, w_fp8_NK.t(), scale_a=x_scale_M1, scale_b=w_scale_1N, bias=bias_N,
+                                    out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
+        except RuntimeError as err:
+            if device == "cuda" or "per-tensor" not in str(err):
+                raise
+            _ROWWISE_SCALED_MM[device] = False  # e.g. torch 2.11's CPU kernel: per-tensor scales only
+    return emulated_scaled_mm(x_fp8, x_scale_M1, w_fp8_NK, w_scale_1N, bias_N)
+
+
+# whether torch._scaled_mm takes row-wise scales on a device type other than CUDA (torch 2.11's CPU kernel takes
+# per-tensor scales only; 2.13's takes both): learnt from the first refusal, after which the CPU emulates the product
+_ROWWISE_SCALED_MM: dict[str, bool] = {}
+
+
+def emulated_scaled_mm(x_fp8_MK: torch.Tensor, x_scale_M1: torch.Tensor, w_fp8_NK: torch.Tensor,
+                       w_scale_1N: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``torch._scaled_mm`` computes with row-wise scales, in float32 arithmetic: the e4m3 operands times their
+    scales, multiplied with float32 accumulation, plus the bias, as bf16 (M, N). The CPU's path where its
+    ``_scaled_mm`` refuses row-wise scales (same quantized values, so the same numbers up to summation order)."""
+    out_MN = (x_fp8_MK.float() * x_scale_M1) @ (w_fp8_NK.float() * w_scale_1N.t()).t()
+    if bias_N is not None:
+        out_MN = out_MN + bias_N.float()
+    return out_MN.to(torch.bfloat16)
 
 
 class _FP8LinearFunction(torch.autograd.Function):
