@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+from dataclasses import replace
 
 import torch
 from accelerate import Accelerator
@@ -24,10 +25,11 @@ from accelerate.utils import set_seed
 from var_erase import DEFAULT_MODEL
 from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, LR_SCHEDULERS, METHODS
 from var_erase.erasure.erase import erase
-from var_erase.erasure.recipes import DEFAULT_RECIPE, RECIPES
+from var_erase.erasure.recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
 from var_erase.erasure.trainer import check_activation_memory_budget
 from var_erase.erasure.validation import ValidationPrompts
 from var_erase.pipelines.pipeline_var import VARPipeline
+from var_erase.toy.phrasings import PHRASING_SETS
 
 # flag -> ErasureConfig field, for the flags whose unset value (None) means "the recipe's"
 CONFIG_FLAGS = {"method": "method", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler",
@@ -39,7 +41,7 @@ CONFIG_FLAGS = {"method": "method", "learning_rate": "learning_rate", "lr_schedu
                 "preservation_student": "preservation_student", "retain_teacher": "retain_teacher",
                 "retain_student": "retain_student", "uncond_preservation_weight": "uncond_preservation_weight",
                 "cond_drop_rate": "cond_drop_rate", "negative_guidance": "negative_guidance", "rank": "lora_rank",
-                "lora_alpha": "lora_alpha"}
+                "lora_alpha": "lora_alpha", "ema_decay": "ema_decay"}
 CHOICES = {"method": METHODS, "lr_scheduler": LR_SCHEDULERS, "update": ["alternating", "joint"],
            "preservation_teacher": ["guided", "conditional"], "preservation_student": ["conditional", "guided"],
            "retain_teacher": ["guided", "conditional"], "retain_student": ["conditional", "guided"]}
@@ -79,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--confirmations", type=int, default=None, help="met validations in a row to stop (recipe's)")
     p.add_argument("--validation_confidence", type=float, default=-1, help="judge each concept by its leak rate's "
                    "upper bound at this confidence, e.g. 0.95 (-1: the recipe's; 0: the observed share)")
+    p.add_argument("--validation_phrasings", default=None, help="toy world: comma-separated tuning-side phrasing "
+                   "sets the loop validates on (default: the recipe's, tuning,fresh)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--gradient_checkpointing", nargs="?", const="full", default=None, choices=["full", "selective"])
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -160,6 +164,19 @@ def load_pipeline(pretrained_model_name_or_path: str, accelerator: Accelerator) 
     return VARPipeline.from_pretrained(pretrained_model_name_or_path, dtype=weight_dtype).to(accelerator.device)
 
 
+def recipe(args) -> Recipe:
+    """The named recipe, validated on ``--validation_phrasings`` when given."""
+    chosen = get_recipe(args.recipe)
+    if args.validation_phrasings is None:
+        return chosen
+    sets = tuple(s.strip() for s in args.validation_phrasings.split(",") if s.strip())
+    unknown = [s for s in sets if s not in PHRASING_SETS]
+    if not sets or unknown:
+        raise SystemExit(f"train_svare.py: --validation_phrasings {args.validation_phrasings!r}: choose from "
+                         f"{', '.join(PHRASING_SETS)}")
+    return replace(chosen, validation_phrasings=sets)
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=args.mixed_precision,
@@ -171,7 +188,7 @@ def main(argv=None) -> str:
         pipe.transformer.enable_fp8()  # the frozen block linears as FP8 matmuls (GPUs of sm_89+, or the CPU)
     try:
         result = erase(
-            pipe, args.concept, output_dir=args.output_dir, pairs=args.prompt_pairs or None, recipe=args.recipe,
+            pipe, args.concept, output_dir=args.output_dir, pairs=args.prompt_pairs or None, recipe=recipe(args),
             config=config_overrides(args), seed=args.seed, num_pairs=args.num_pairs, pair_wording=args.pair_wording,
             replacements=args.replacement, retain_prompts=read_retain_prompts(args.retain_prompts),
             retain_prompts_per_concept=args.retain_prompts_per_concept,

@@ -79,6 +79,25 @@ def test_unreached_target_keeps_the_best_checkpoint_and_says_so(tmp_path):
     assert log["verified"]["step"] == 4 and log["message"] == result.message
 
 
+def test_with_a_weight_average_the_average_is_judged_and_saved(tmp_path):
+    pipe = tiny_pipeline()
+    judge = ScheduledJudge(pipe, [1.0, 1.0, 0.0])  # base, step 2: still drawn; step 4: gone
+    result = erase(pipe, "nudity", output_dir=tmp_path / "out", pairs=PAIRS, recipe="svare",
+                   config=SVARE | {"ema_decay": 0.9}, judge=judge, validation_prompts=VALIDATION, num_grid_images=0,
+                   progress=False, validation_steps=2)
+    assert result.steps == 4 and result.reached is True
+    saved = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    judged = judge.weights[2]  # what the judge saw at step 4: the average
+    for key, value in judged.items():
+        match = [k for k in saved if k.endswith(key.removeprefix("transformer."))]
+        assert match and torch.equal(saved[match[0]], value), key
+    plain = ScheduledJudge(tiny_pipeline(), [1.0, 1.0, 0.0])
+    _erase(tmp_path / "plain", plain.pipe, plain, validation_steps=2)
+    assert any(not torch.equal(judged[k], plain.weights[2][k]) for k in judged)  # the average is not the weights
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert log["config"]["ema_decay"] == 0.9
+
+
 def test_secrets_are_never_written(tmp_path):
     pipe = tiny_pipeline()
     result = _erase(tmp_path, pipe, None, run_args={"hub_token": "hf_SECRET", "nested": {"api_key": "k1"}, "seed": 3},

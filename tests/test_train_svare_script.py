@@ -77,6 +77,19 @@ def test_bad_anchor_batch_size_is_refused(capsys):
     assert train_svare.parse_args(["--output_dir", "x", "--concept", "red"]).anchor_batch_size == 8
 
 
+def test_validation_phrasings_flag_picks_tuning_side_sets_and_never_the_headline_set(base, tmp_path):
+    args = train_svare.parse_args(["--output_dir", "x", "--concept", "red", "--validation_phrasings", "tuning,heldout"])
+    assert train_svare.recipe(args).validation_phrasings == ("tuning", "heldout")
+    assert train_svare.recipe(args).name == "verified"  # everything else is the recipe's
+    default = train_svare.parse_args(["--output_dir", "x", "--concept", "red"])
+    assert train_svare.recipe(default).validation_phrasings == ("tuning", "fresh")
+    with pytest.raises(SystemExit, match="choose from"):
+        train_svare.recipe(train_svare.parse_args(["--output_dir", "x", "--concept", "red",
+                                                   "--validation_phrasings", "nope"]))
+    with pytest.raises(SystemExit, match="frozen held-out set"):
+        train_svare.main(_args(base, tmp_path / "u", 1, "--judge", "oracle", "--validation_phrasings", "unseen"))
+
+
 def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
     out = tmp_path / "retain"
     extra = tmp_path / "keep.txt"

@@ -477,6 +477,54 @@ def test_lr_schedule_spans_the_run_and_resumes_where_it_stopped(anchors, tmp_pat
         assert torch.allclose(v, resumed.trainable_state_dict()[k], atol=1e-6), k
 
 
+def test_weight_average_follows_the_trained_weights_and_gives_them_back(anchors):
+    """``ema_decay``: after each optimizer step the average moves by diffusers' ramped decay, ``min((1 + t) / (10 +
+    t), ema_decay)`` with ``t`` the steps before this one (0 at the first: the average starts as the weights).
+    ``averaged_weights()`` swaps it in and restores the trained weights on exit; without ``ema_decay`` it is a no-op."""
+    trainer = _trainer(anchors, update="joint", ema_decay=0.2, max_train_steps=3, cond_drop_rate=0.0)
+    expected = None
+    for t in range(3):  # joint update: one optimizer step per iteration
+        trainer.train(max_train_steps=t + 1, progress=False)
+        raw = {k: v.clone() for k, v in trainer.trainable_state_dict().items()}
+        decay = 0.0 if t == 0 else min((1 + t) / (10 + t), 0.2)
+        expected = raw if expected is None else {k: decay * expected[k] + (1 - decay) * raw[k] for k in raw}
+    with trainer.averaged_weights():
+        averaged = trainer.trainable_state_dict()
+        for k, v in expected.items():
+            torch.testing.assert_close(averaged[k], v, rtol=1e-5, atol=1e-7)
+        assert any(not torch.equal(averaged[k], raw[k]) for k in raw)  # the average is not the last weights
+    for k, v in trainer.trainable_state_dict().items():
+        assert torch.equal(v, raw[k]), k
+    plain = _trainer(anchors, max_train_steps=1)
+    with plain.averaged_weights():
+        pass
+    assert plain.ema is None
+
+
+def test_weight_average_resumes_from_a_checkpoint(anchors, tmp_path):
+    settings = dict(max_train_steps=3, cond_drop_rate=0.0, ema_decay=0.5)
+    full = _trainer(anchors, **settings)
+    full.train(progress=False)
+    first = _trainer(anchors, **settings)
+    first.train(max_train_steps=2, checkpointing_steps=2, output_dir=str(tmp_path / "ema"), progress=False)
+    resumed = _trainer(anchors, **settings)
+    resumed.load_checkpoint(latest_checkpoint(str(tmp_path / "ema")))
+    resumed.train(progress=False)
+    with full.averaged_weights(), resumed.averaged_weights():
+        for k, v in full.trainable_state_dict().items():
+            assert torch.allclose(v, resumed.trainable_state_dict()[k], atol=1e-6), k
+    _trainer(anchors, max_train_steps=2).train(checkpointing_steps=2, output_dir=str(tmp_path / "plain"),
+                                               progress=False)
+    with pytest.raises(ValueError, match="written without ema_decay"):
+        _trainer(anchors, **settings).load_checkpoint(latest_checkpoint(str(tmp_path / "plain")))
+
+
+def test_ema_decay_outside_0_1_is_refused():
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="ema_decay"):
+            ErasureConfig(ema_decay=bad).validate()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["svare", "naive"])
 def test_training_keeps_the_models_it_does_not_run_in_cpu_memory(anchors, method):

@@ -281,6 +281,11 @@ class ErasureTrainingArguments:
         ``None`` = ``train_batch_size``), AdamW betas (0.9, 0.97), weight decay 0.005, gradient clipping 5,
         cond_drop_rate 0.1 (the text is replaced by the unconditional embedding in 10% of samples, in both steps, as
         the code's training mode does).
+        ema_decay: ``None`` (default, as the reference): validate and save the trained weights as they are. A number
+            in (0, 1): also keep an exponential moving average of the trainable weights (diffusers'
+            ``training_utils.EMAModel``, updated after every optimizer step, its decay ramping as ``(1 + t) / (10 +
+            t)`` up to ``ema_decay``), and validate, keep and save the averaged weights instead: an extension that
+            smooths the step-to-step swings of what the adapter erases. Not in the paper or its code.
 
     Sampling:
         inference_*: sampling defaults for validation images (guidance 4, tau 0.5, top-k 900, top-p 0.97).
@@ -300,6 +305,7 @@ class ErasureTrainingArguments:
     adam_weight_decay: float = 0.005
     max_grad_norm: float = 5.0
     cond_drop_rate: float = 0.1
+    ema_decay: float | None = None
     inference_guidance_scale: float = 4.0
     inference_temperature: float = 0.5
     inference_top_k: int = 900
@@ -320,10 +326,10 @@ FLAT_FIELDS: tuple[str, ...] = (
     "negative_guidance", "num_train_scales", "first_erase_scale", "retain_weight", "retain_batch_size",
     "preservation_teacher", "preservation_student", "retain_teacher", "retain_student", "uncond_preservation_weight",
     "update", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size", "adam_beta1",
-    "adam_beta2", "adam_weight_decay", "max_grad_norm", "cond_drop_rate", "lora_rank", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "train_modules", "anchor_guidance_scale", "anchor_temperature", "anchor_top_k",
-    "anchor_top_p", "anchor_seed", "inference_guidance_scale", "inference_temperature", "inference_top_k",
-    "inference_top_p",
+    "adam_beta2", "adam_weight_decay", "max_grad_norm", "cond_drop_rate", "ema_decay", "lora_rank", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "train_modules", "anchor_guidance_scale", "anchor_temperature",
+    "anchor_top_k", "anchor_top_p", "anchor_seed", "inference_guidance_scale", "inference_temperature",
+    "inference_top_k", "inference_top_p",
 )
 """Every flat setting name :class:`ErasureConfig` accepts and :meth:`ErasureConfig.to_dict` writes, in its order."""
 assert sorted(FLAT_FIELDS) == sorted(_METHOD_FIELDS + _TRAINING_FIELDS + tuple(_LORA_ALIASES)), "FLAT_FIELDS is stale"
@@ -476,6 +482,8 @@ class ErasureConfig:
         check("adam_weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0")
         check("max_grad_norm", lambda v: _number(v) and v > 0, "a number > 0")
         check("cond_drop_rate", lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)")
+        check("ema_decay", lambda v: v is None or (_number(v) and 0 < v < 1),
+              "None (no weight averaging) or a number in (0, 1), e.g. 0.99")
         check("lora_rank", lambda v: _integer(v, 1), "an integer >= 1")
         check("lora_alpha", lambda v: _number(v) and v > 0, "a number > 0")
         check("lora_dropout", lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)")

@@ -352,6 +352,12 @@ def _default_validation_prompts(concepts: list[str], seed: int, recipe: Recipe) 
     from ..toy.pairs import is_toy_concept
 
     if concepts and all(is_toy_concept(c) for c in concepts):
+        from ..toy.phrasings import HEADLINE_SET
+
+        if HEADLINE_SET in recipe.validation_phrasings:
+            raise ValueError(f"validation_phrasings {list(recipe.validation_phrasings)} include {HEADLINE_SET!r}, the "
+                             f"frozen held-out set results are judged on: validating on it would tune on it. Use the "
+                             f"tuning-side sets ('tuning', 'heldout', 'fresh', 'paraphrase')")
         return toy_validation_prompts(concepts, recipe.validation_phrasings, seed=seed,
                                       target_images_per_prompt=recipe.validation_target_images)
     raise ValueError(f"no default validation prompts for {concepts}: pass validation_prompts=ValidationPrompts("
@@ -406,7 +412,8 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
                     confirmations: int, checkpointing: dict, progress: bool):
     """Train in chunks of ``every`` iterations, validating after each; returns ``([best result], validations)`` and
     leaves the transformer at the best checkpoint's weights. With early stopping, training stops once
-    ``confirmations`` validations in a row met the target, and the last of them is the best."""
+    ``confirmations`` validations in a row met the target, and the last of them is the best. With
+    ``config.ema_decay`` the weight average is validated and kept (the final average without a validator)."""
     total = trainer.config.max_train_steps
     every = every if every and every > 0 else total
     best: list[ValidationResult | None] = [None]
@@ -428,7 +435,9 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
         last = trainer.state.history[-1] if trainer.state.history else {}
         postfix = {k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "pre")}
         if validator is not None:
-            result = _agreed(trainer.accelerator, validator(trainer.state.step))
+            with trainer.averaged_weights():  # with ema_decay, the average is what is judged and kept
+                result = _agreed(trainer.accelerator, validator(trainer.state.step))
+                snapshot = {k: v.detach().clone() for k, v in trainer.trainable_state_dict().items()}
             validations.append(result.to_dict())
             postfix.update(acc_e=f"{result.acc_e:.3f}")
             if result.acc_i is not None:
@@ -440,13 +449,15 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
                  + (f" - target met ({streak} of {confirmations} in a row)" if result.met else ""))
             confirmed = early_stopping and streak >= confirmations
             if confirmed or better(result, best[0], validator.max_acc_i_drop):
-                best[0], best_state = result, {k: v.detach().clone() for k, v in trainer.trainable_state_dict().items()}
+                best[0], best_state = result, snapshot
             if confirmed:
                 break
         bar.set_postfix(postfix)
     bar.close()
-    if best_state is not None and best[0].step != trainer.state.step:
+    if best_state is not None and (best[0].step != trainer.state.step or trainer.ema is not None):
         trainer.load_trainable_state_dict(best_state)
+    elif best_state is None and trainer.ema is not None:
+        trainer.ema.copy_to(trainer.trainable_parameters())  # no validation: the final average is the result
     if best[0] is not None and best[0].met:
         best[0].confirmed = longest >= confirmations
     return best, validations

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator, DistributedType
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from peft.helpers import disable_input_dtype_casting
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
@@ -141,6 +141,7 @@ class ErasureTrainer:
         self.lr_scheduler = self._lr_scheduler()
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.transformer, self.optimizer,
                                                                                  self.lr_scheduler)
+        self.ema = EMAModel(self.trainable_parameters(), decay=config.ema_decay) if config.ema_decay else None
         self._register_checkpoint_hooks()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -409,7 +410,24 @@ class ErasureTrainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters())
         return total
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside, the trainable weights are their moving average (``config.ema_decay``); the trained weights come
+        back on exit. Without an average, nothing changes."""
+        if self.ema is None:
+            yield
+            return
+        params = self.trainable_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
 
     def training_step(self, step: int, read_logs: bool = True) -> dict:
         """One iteration (both steps of the alternating update, or one joint step) and its logs.
@@ -535,11 +553,15 @@ class ErasureTrainer:
 
         def save_hook(models, weights, output_dir):
             if trainer.accelerator.is_main_process:
-                torch.save({"step": trainer.state.step, "history": trainer.state.history},
+                ema_step = trainer.ema.optimization_step if trainer.ema is not None else None
+                torch.save({"step": trainer.state.step, "history": trainer.state.history, "ema_step": ema_step},
                            os.path.join(output_dir, "trainer_state.pt"))
                 from safetensors.torch import save_file
 
                 save_file(trainer.trainable_state_dict(), os.path.join(output_dir, "trainable.safetensors"))
+                if trainer.ema is not None:
+                    save_file({str(i): t.detach().contiguous() for i, t in enumerate(trainer.ema.shadow_params)},
+                              os.path.join(output_dir, "ema.safetensors"))
             weights.clear()
 
         def load_hook(models, input_dir):
@@ -549,9 +571,23 @@ class ErasureTrainer:
             trainer.load_trainable_state_dict(load_file(os.path.join(input_dir, "trainable.safetensors")))
             state = torch.load(os.path.join(input_dir, "trainer_state.pt"), weights_only=True)
             trainer.state = TrainState(state["step"], state["history"])
+            if trainer.ema is not None:
+                trainer.load_ema(input_dir, state.get("ema_step"))
 
         self.accelerator.register_save_state_pre_hook(save_hook)
         self.accelerator.register_load_state_pre_hook(load_hook)
+
+    def load_ema(self, input_dir: str, ema_step: int | None) -> None:
+        """The moving average of a checkpoint written with ``ema_decay`` (a clear error for one written without)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(input_dir, "ema.safetensors")
+        if not os.path.exists(path) or ema_step is None:
+            raise ValueError(f"{input_dir} holds no weight average: it was written without ema_decay; resume it "
+                             f"with ema_decay=None, or start a new run")
+        shadow = load_file(path)
+        self.ema.shadow_params = [shadow[str(i)].to(p.device) for i, p in enumerate(self.ema.shadow_params)]
+        self.ema.optimization_step = ema_step
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         if self.config.finetune_mode == "lora":

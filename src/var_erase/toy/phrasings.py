@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from .concepts import CONCEPT_KINDS, Concept, concept_names, concepts_of_kind, get_concept
 
 PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase", "fresh", "unseen")
+HEADLINE_SET = "unseen"
+"""The frozen held-out set the headline numbers are judged on: never trained, validated or tuned on."""
 
 # ``{a}`` is the article of what follows it; ``{shapes}`` the plural noun; ``{style}`` the adjective, ``{style_post}``
 # the phrase after the noun. No template here occurs in captions.py, and no two sets share one.
@@ -157,4 +159,5 @@ def phrasing_digest(phrasing_set: str = "heldout") -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["PHRASING_SETS", "TEMPLATES", "PhrasedPrompt", "phrased_prompts", "phrasing_digest", "phrasing_rows"]
+__all__ = ["HEADLINE_SET", "PHRASING_SETS", "TEMPLATES", "PhrasedPrompt", "phrased_prompts", "phrasing_digest",
+           "phrasing_rows"]
