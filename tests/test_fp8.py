@@ -453,24 +453,57 @@ def test_fp8_suite_runs_end_to_end_on_the_cpu(tmp_path):
     assert (tmp_path / "fp8_grid.png").stat().st_size > 0 and "sampling B=1: bf16" in done.stdout
 
 
-@pytest.mark.gpu
-def test_hitting_the_recompile_limit_falls_back_to_the_eager_kernels(monkeypatch):
-    """Training feeds the fused quantization views of many shapes; once dynamo's recompile limit is hit (as in the
-    erasure benchmark on an H200), the kernels run eagerly with a warning instead of failing the run."""
+def _fresh_compiled_kernels(monkeypatch, fp8, recompile_limit: int | None = None):
     import torch._dynamo
-
-    from var_erase.models import fp8
 
     monkeypatch.setitem(fp8._COMPILED, "enabled", True)
     for name in [k for k in fp8._COMPILED if k != "enabled"]:
         monkeypatch.delitem(fp8._COMPILED, name)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    if recompile_limit is not None:
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", recompile_limit)
     torch._dynamo.reset()
-    base = torch.randn(8, 24, 64, device="cuda", dtype=torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_training_compiles_the_quantization_kernels_once(monkeypatch, recwarn):
+    """An erasure step feeds the quantization views of several bases and inputs that require a gradient; the kernels
+    get them detached, so one compilation (dynamic shapes) serves every layer, both steps and the backward: no
+    recompilation (dynamo is told to fail on one), no eager fallback. Compiled for the CPU here (CUDA in use)."""
+    import torch._dynamo
+
+    from var_erase.erasure.anchors import sample_anchors
+    from var_erase.erasure.config import ErasureConfig
+    from var_erase.erasure.prompts import PromptPair
+    from var_erase.erasure.trainer import ErasureTrainer
+    from var_erase.models import fp8
+
+    _fresh_compiled_kernels(monkeypatch, fp8)
+    monkeypatch.setattr(fp8, "_COMPILE_ON", {"cpu", "cuda"})
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    pairs = [PromptPair("a red circle", "a red square", "circle"),
+             PromptPair("a blue circle", "a blue square", "circle")]
+    pipe = tiny_pipeline()
+    pipe.transformer.transformer_blocks.to(torch.bfloat16)
+    anchors = sample_anchors(pipe, [p.safe for p in pairs], anchors_per_prompt=1, progress=False)
+    pipe.transformer.enable_fp8()
+    trainer = ErasureTrainer(pipe, ErasureConfig(learning_rate=1e-3, max_train_steps=2), pairs, anchors)
+    trainer.train(progress=False)
+    assert fp8._COMPILED["enabled"] is True and {"quantize_rowwise", "dequantize_rowwise"} <= set(fp8._COMPILED)
+    assert not [w for w in recwarn if "runs eagerly" in str(w.message)]
+
+
+@pytest.mark.gpu
+def test_hitting_the_recompile_limit_falls_back_to_the_eager_kernels(monkeypatch):
+    """Should the fused quantization recompile past dynamo's limit (as it did in the erasure benchmark on an H200,
+    before its inputs were detached), the kernels run eagerly with a warning instead of failing the run. Here each
+    new dtype forces a recompilation past a limit of 1."""
+    from var_erase.models import fp8
+
+    _fresh_compiled_kernels(monkeypatch, fp8, recompile_limit=1)
     with pytest.warns(UserWarning, match="runs eagerly"):
-        for rows in (3, 5, 7, 11):
-            view = base[:rows].reshape(-1, 64)[: rows * 5]  # views of different bases and shapes
-            got = fp8.quantize_rowwise_fused(view)
-            want = fp8.quantize_rowwise(view)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            x = torch.randn(40, 64, device="cuda", dtype=dtype)
+            got = fp8.quantize_rowwise_fused(x)
+            want = fp8.quantize_rowwise(x)
             assert all(torch.equal(g.float(), w.float()) for g, w in zip(got, want))
     assert fp8._COMPILED["enabled"] is False

@@ -61,6 +61,7 @@ def quantize_rowwise(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _COMPILED: dict[str, object] = {"enabled": True}
+_COMPILE_ON = {"cuda"}  # device types whose quantization kernels are compiled (a test adds "cpu")
 
 
 def _fused(fn):
@@ -69,12 +70,14 @@ def _fused(fn):
     CPU (tests), inside an outer ``torch.compile`` (which fuses it anyway) and where compiling failed at
     :func:`enable_fp8` (a warning says so) ``fn`` itself runs."""
     def run(x: torch.Tensor, *args):
-        if x.device.type != "cuda" or torch.compiler.is_compiling() or not _COMPILED["enabled"]:
+        if x.device.type not in _COMPILE_ON or torch.compiler.is_compiling() or not _COMPILED["enabled"]:
             return fn(x, *args)
         if fn.__name__ not in _COMPILED:
             _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:
-            return _COMPILED[fn.__name__](x, *args)
+            # detached: no gradient flows through the quantization, and a view's base (its rank, sizes and strides)
+            # and requires_grad would each be guarded on, recompiling past dynamo's limit within one training step
+            return _COMPILED[fn.__name__](x.detach(), *args)
         except _COMPILER_ERRORS as err:  # e.g. dynamo's recompile limit, hit by views of many shapes while training
             _disable_compiled(err)
             return fn(x, *args)
