@@ -382,6 +382,27 @@ def test_a_batch_gives_the_images_of_its_prompts_one_by_one(pipe):
     np.testing.assert_allclose(batch.images, np.concatenate([s.images for s in singles]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_a_batch_on_the_gpu_agrees_with_one_by_one_within_the_kernels_tolerance():
+    """On CUDA a batch runs other GEMM tilings than single prompts, so its float32 logits differ in the last bits;
+    the tolerance stated for users: logits within 1e-4, at most 0.1% of the sampled bits flipped (a bit flips only
+    when its uniform draw falls between two nearly equal probabilities), images within 1e-3 where no bit flipped.
+    Written from the CPU test's bounds and the issue's H100 measurement (6.8e-4 on images); not yet run."""
+    pipe = tiny_pipeline().to("cuda")
+    prompts, seeds = ["a red circle", "two small blue squares on the left side"], (10, 11)
+    gens = [torch.Generator("cuda").manual_seed(s) for s in seeds]
+    batch = pipe(prompts, generator=gens, output_type="np", return_trajectory=True)
+    singles = [pipe(p, generator=torch.Generator("cuda").manual_seed(s), output_type="np", return_trajectory=True)
+               for p, s in zip(prompts, seeds)]
+    one_by_one_bits = torch.cat([s.trajectory.bits for s in singles])
+    flipped = (batch.trajectory.bits != one_by_one_bits).float().mean().item()
+    assert flipped <= 1e-3, flipped
+    if flipped == 0:
+        torch.testing.assert_close(batch.trajectory.cond_logits,
+                                   torch.cat([s.trajectory.cond_logits for s in singles]), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(batch.images, np.concatenate([s.images for s in singles]), rtol=0, atol=1e-3)
+
+
 def test_attention_slicing_is_refused_with_what_to_use_instead(pipe):
     with pytest.raises(NotImplementedError, match=r"does not slice attention.*enable_model_cpu_offload\(\)"):
         pipe.enable_attention_slicing()
