@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from var_erase import DEFAULT_MODEL
-from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, LR_SCHEDULERS, METHODS
+from var_erase.erasure.config import DEFAULT_LORA_TARGET_MODULES, LR_SCHEDULERS, METHODS, UCE_INPUTS
 from var_erase.erasure.erase import erase
 from var_erase.erasure.recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
 from var_erase.erasure.trainer import check_activation_memory_budget
@@ -40,11 +40,12 @@ CONFIG_FLAGS = {"method": "method", "learning_rate": "learning_rate", "lr_schedu
                 "retain_batch_size": "retain_batch_size", "preservation_teacher": "preservation_teacher",
                 "preservation_student": "preservation_student", "retain_teacher": "retain_teacher",
                 "retain_student": "retain_student", "uncond_preservation_weight": "uncond_preservation_weight",
-                "cond_drop_rate": "cond_drop_rate", "negative_guidance": "negative_guidance", "rank": "lora_rank",
-                "lora_alpha": "lora_alpha", "ema_decay": "ema_decay"}
+                "cond_drop_rate": "cond_drop_rate", "negative_guidance": "negative_guidance",
+                "uce_inputs": "uce_inputs", "rank": "lora_rank", "lora_alpha": "lora_alpha", "ema_decay": "ema_decay"}
 CHOICES = {"method": METHODS, "lr_scheduler": LR_SCHEDULERS, "update": ["alternating", "joint"],
            "preservation_teacher": ["guided", "conditional"], "preservation_student": ["conditional", "guided"],
-           "retain_teacher": ["guided", "conditional"], "retain_student": ["conditional", "guided"]}
+           "retain_teacher": ["guided", "conditional"], "retain_student": ["conditional", "guided"],
+           "uce_inputs": UCE_INPUTS}
 TYPES = {"lr_warmup_steps": int, "max_train_steps": int, "train_batch_size": int, "num_train_scales": int,
          "first_erase_scale": int, "retain_batch_size": int, "rank": int}
 

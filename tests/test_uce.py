@@ -5,10 +5,13 @@ prompts' stay within a bound)."""
 import pytest
 import torch
 
+from var_erase import DEFAULT_MODEL
 from var_erase.erasure import uce
 from var_erase.erasure.config import ErasureConfig
+from var_erase.erasure.erase import erase, uce_inputs
 from var_erase.erasure.trainer import ErasureTrainer
 from var_erase.hub import read_adapter_metadata
+from var_erase.pipelines.pipeline_var import VARPipeline
 
 from ._method_checks import KEPT, PAIRS, logits_of_targets_and_kept, method_anchors
 from ._tiny import tiny_pipeline
@@ -125,3 +128,100 @@ def test_edit_refuses_bad_input_and_the_trainer_refuses_uce(anchors):
         uce.edit(pipe, [""])
     with pytest.raises(ValueError, match="no training loop.*uce.edit"):
         ErasureTrainer(pipe, ErasureConfig(method="uce"), PAIRS, anchors)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what erase(..., method="uce") edits: the concept's words (the reference's reading) or the pairs' prompts
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return VARPipeline.from_pretrained(DEFAULT_MODEL)
+
+
+def _key_value_changes(edited, pipe, concept, guide, preserved, tokens):
+    """Per edited layer: (relative change of every preserved token's output, the distance of the concept's edited
+    features' outputs to their guide's before and after the edit)."""
+    feats = uce.select_tokens(pipe, concept + guide, tokens)
+    n = len(concept)
+    c = torch.cat(feats[:n])
+    target = torch.cat([uce.align_tokens(a, b) for a, b in zip(feats[:n], feats[n:])])
+    p = torch.cat(uce.text_features(pipe, preserved))
+    out = []
+    for name, layer in uce.target_layers(pipe.transformer).items():
+        w = layer.weight.detach().double()
+        lora_a, lora_b = (edited.state_dict[f"{name}.lora_{x}.weight"].double() for x in "AB")
+        delta = lora_b @ lora_a
+        out.append((float((p @ delta.T).norm() / (p @ w.T).norm()), float(((c - target) @ w.T).norm()),
+                    float((c @ (w + delta).T - target @ w.T).norm())))
+    return out
+
+
+def test_toy_concept_texts_are_the_concepts_words_their_replacements_and_every_kept_word():
+    edited, guides, preserved = uce.toy_concept_texts(["red"])
+    assert edited == ["red", "scarlet"] and guides == ["", ""]  # no replacement: the reference's empty guide
+    assert "red" not in preserved and "scarlet" not in preserved
+    assert {"blue", "cobalt", "circle", "five-pointed star", "striped", "with dots"} <= set(preserved)
+    assert "crimson" not in edited + preserved  # held-out paraphrases are evaluation-only
+    edited, guides, _ = uce.toy_concept_texts(["dotted", "star"], ["dotted=striped", "circle"])
+    assert dict(zip(edited, guides)) == {"dotted": "striped", "polka-dot": "striped", "with dots": "with stripes",
+                                         "with polka dots": "with stripes", "covered in dots": "with stripes",
+                                         "star": "circle", "star shape": "circle", "five-pointed star": "circle"}
+    with pytest.raises(ValueError, match="need named toy concepts"):
+        uce.toy_concept_texts(["nudity"])
+    with pytest.raises(ValueError, match="replacement red=circle"):
+        uce.toy_concept_texts(["red"], ["red=circle"])
+
+
+def test_select_tokens_keeps_the_texts_own_tokens(toy_pipe):
+    full = uce.text_features(toy_pipe, ["red", "", "round shape"])  # [CLS] red [SEP]; [CLS] [SEP]; 4 tokens
+    words = uce.select_tokens(toy_pipe, ["red", "", "round shape"], "words")
+    last = uce.select_tokens(toy_pipe, ["red", "", "round shape"], "last")
+    torch.testing.assert_close(words[0], full[0][1:2])
+    torch.testing.assert_close(words[1], full[1])  # no own token: every token
+    torch.testing.assert_close(words[2], full[2][1:3])
+    torch.testing.assert_close(last[1], full[1][:1])  # the reference's [BOS] of ""
+    torch.testing.assert_close(last[2], full[2][2:3])
+    with pytest.raises(ValueError, match=r"tokens must be one of \['all', 'words', 'last'\]"):
+        uce.edit(toy_pipe, ["red"], tokens="first")
+
+
+def test_concept_texts_edit_only_the_concepts_directions(toy_pipe):
+    """On the toy model, with the reference's token (the last own one) and a few preserved words: every token of the
+    preserved words keeps its keys and values within 2% (relative), while the concept's move 90% of the way to the
+    replacement's. Editing every token instead moves the shared [CLS] / [SEP] directions, and the preserved more."""
+    concept, guide, preserved = ["red", "scarlet"], ["blue", "blue"], ["circle", "green"]
+    changes = {}
+    for tokens in ("last", "all"):
+        edited = uce.edit(toy_pipe, concept, guide, preserve=preserved, tokens=tokens)
+        changes[tokens] = _key_value_changes(edited, toy_pipe, concept, guide, preserved, tokens)
+    for preserved_change, before, after in changes["last"]:
+        assert preserved_change < 0.02 and after < 0.1 * before, (preserved_change, before, after)
+    assert all(a[0] > 2 * b[0] for a, b in zip(changes["all"], changes["last"])), changes
+
+
+def test_erase_edits_the_concepts_words_by_default_and_whole_prompts_on_request(toy_pipe, tmp_path):
+    """``erase(..., method="uce")`` on a named concept: its words towards "", every kept word preserved, a low-rank
+    edit that keeps the kept words' keys and values within 5% while the concept's move more than half way."""
+    result = erase(VARPipeline.from_pretrained(DEFAULT_MODEL), "red", output_dir=tmp_path / "concept",
+                   recipe="svare", config={"method": "uce"}, judge=None, num_grid_images=0, progress=False)
+    hyper = read_adapter_metadata(result.output_dir).hyperparameters
+    assert hyper["uce_inputs"] == "concept" and hyper["positions"] == "last" and hyper["concepts"] == ["red", "scarlet"]
+    assert hyper["replacements"] == ["", ""] and "blue" in hyper["preserve"] and "red" not in hyper["preserve"]
+    assert hyper["rank"] <= hyper["num_edited_tokens"] == 2
+    edited = uce.edit(toy_pipe, hyper["concepts"], hyper["replacements"], preserve=hyper["preserve"], tokens="last")
+    assert edited.rank == hyper["rank"]  # the edit the run wrote, recomputed
+    for preserved_change, before, after in _key_value_changes(edited, toy_pipe, hyper["concepts"],
+                                                              hyper["replacements"], hyper["preserve"], "last"):
+        assert preserved_change < 0.05 and after < 0.5 * before, (preserved_change, before, after)
+
+    config = ErasureConfig(method="uce", uce_inputs="prompts")
+    edited_texts, guides, preserved = uce_inputs(config, ["circle"], PAIRS, retain=["a green cross"])
+    assert edited_texts == [p.unsafe for p in PAIRS] and guides == [p.safe for p in PAIRS]
+    assert preserved == [p.safe for p in PAIRS] + ["a green cross"]  # the safe and the retain prompts
+    assert uce_inputs(ErasureConfig(method="uce"), ["nudity"], PAIRS)[0] == [p.unsafe for p in PAIRS]  # auto
+
+
+def test_uce_inputs_bad_values_are_clear_errors():
+    with pytest.raises(ValueError, match=r"uce_inputs must be one of \['auto', 'concept', 'prompts'\]"):
+        ErasureConfig(method="uce", uce_inputs="words")
+    with pytest.raises(ValueError, match="uce_inputs='concept' edits the words of named toy-world concepts"):
+        uce_inputs(ErasureConfig(method="uce", uce_inputs="concept"), ["nudity"], PAIRS)

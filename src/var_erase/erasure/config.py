@@ -51,6 +51,9 @@ from typing import Any
 
 from peft import LoraConfig
 
+UCE_INPUTS: tuple[str, ...] = ("auto", "concept", "prompts")
+"""What UCE edits: the concepts' words (``"concept"``), the pairs' prompts (``"prompts"``), or by the concepts
+(``"auto"``); :attr:`ErasureMethodConfig.uce_inputs`."""
 METHODS: tuple[str, ...] = ("svare", "vare", "fce", "naive", "esd", "esd-u", "esd-x", "fmn", "uce", "ac-n", "ac-m")
 # learning-rate schedules of ``diffusers.optimization.get_scheduler`` that need no further arguments
 LR_SCHEDULERS: tuple[str, ...] = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
@@ -176,6 +179,11 @@ class ErasureMethodConfig:
             lambda * L_Pre) or ``"joint"`` (one step on L_FCE + lambda * L_Pre, as the paper's total loss reads).
             Only matters for methods with two losses.
         negative_guidance: eta of ESD (methods ``esd``, ``esd-u``, ``esd-x`` only).
+        uce_inputs: what UCE (method ``uce`` only) edits and preserves: ``"concept"`` (the reference's reading: the
+            erased concepts' own words towards their replacement's, every kept value's words preserved; named toy
+            concepts only), ``"prompts"`` (an adaptation: every pair's whole unsafe prompt towards its safe prompt,
+            the safe and retain prompts preserved) or ``"auto"`` (default: ``"concept"`` for named toy concepts,
+            else ``"prompts"``). See :func:`var_erase.erasure.uce.toy_concept_texts`.
         num_train_scales: train on the first N scales only; ``None`` = all (the code's ``always_training_scales=100``).
         first_erase_scale: an extension beyond the paper (default 1: off): the erase loss counts only the tokens of
             scales ``>= first_erase_scale`` (1-based; still weighted ``1 / L`` as the reference), the preservation
@@ -235,6 +243,7 @@ class ErasureMethodConfig:
     kl_reduction: str = "code"
     update: str = "alternating"
     negative_guidance: float = 1.0
+    uce_inputs: str = "auto"
     num_train_scales: int | None = None
     first_erase_scale: int = 1
     retain_weight: float | None = None
@@ -323,7 +332,7 @@ _METHOD_FIELDS = tuple(f.name for f in fields(ErasureMethodConfig) if f.name != 
 _TRAINING_FIELDS = tuple(f.name for f in fields(ErasureTrainingArguments))
 FLAT_FIELDS: tuple[str, ...] = (
     "method", "bit_threshold", "token_threshold", "comparison", "normalize", "preservation_weight", "kl_reduction",
-    "negative_guidance", "num_train_scales", "first_erase_scale", "retain_weight", "retain_batch_size",
+    "negative_guidance", "uce_inputs", "num_train_scales", "first_erase_scale", "retain_weight", "retain_batch_size",
     "preservation_teacher", "preservation_student", "retain_teacher", "retain_student", "uncond_preservation_weight",
     "update", "learning_rate", "lr_scheduler", "lr_warmup_steps", "max_train_steps", "train_batch_size", "adam_beta1",
     "adam_beta2", "adam_weight_decay", "max_grad_norm", "cond_drop_rate", "ema_decay", "lora_rank", "lora_alpha",
@@ -456,6 +465,7 @@ class ErasureConfig:
             ("preservation_student", ("conditional", "guided")),
             ("retain_teacher", ("guided", "conditional")),
             ("retain_student", ("conditional", "guided")),
+            ("uce_inputs", UCE_INPUTS),
         ):
             check(name, lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")
         check("bit_threshold", lambda v: _number(v) and v > 0, "a positive number (gamma; ln 2 in the paper)")
@@ -553,5 +563,5 @@ del _name
 
 
 __all__ = ["DEFAULT_LORA_TARGET_MODULES", "FLAT_FIELDS", "FULL_FINETUNE_MODULES", "LR_SCHEDULERS", "METHODS",
-           "ErasureConfig", "ErasureMethodConfig", "ErasureTrainingArguments", "default_learning_rate",
+           "UCE_INPUTS", "ErasureConfig", "ErasureMethodConfig", "ErasureTrainingArguments", "default_learning_rate",
            "default_lora_config", "default_lora_target_modules", "loss_function", "losses_for"]

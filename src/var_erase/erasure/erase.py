@@ -177,8 +177,8 @@ def erase(
                               **sampling_settings(config))
 
     if config.method == "uce":  # a closed-form edit: no anchors, no training loop
-        return _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge, validator,
-                                  grid_prompts, num_grid_images, seed, progress)
+        return _erase_closed_form(pipe, config, concepts, pairs, retain, replacements, output_dir, base_model, judge,
+                                  validator, grid_prompts, num_grid_images, seed, progress)
 
     # 2. auxiliary visual tokens of the safe and retain prompts (frozen model, cached)
     anchors = load_or_sample_anchors(
@@ -371,15 +371,53 @@ def sampling_settings(config: ErasureConfig) -> dict:
             "top_k": config.inference_top_k, "top_p": config.inference_top_p}
 
 
-def _erase_closed_form(pipe, config, concepts, pairs, retain, output_dir, base_model, judge, validator, grid_prompts,
-                       num_grid_images, seed, progress) -> ErasureResult:
-    """UCE (:mod:`.uce`): every pair's unsafe prompt edited towards its safe prompt, the retain prompts preserved, in
-    one closed-form step; written as an adapter, then read once by the judge (when given)."""
+def _all_toy(concepts: Sequence[str]) -> bool:
+    from ..toy.pairs import is_toy_concept
+
+    return bool(concepts) and all(is_toy_concept(c) for c in concepts)
+
+
+def uce_mode(config: ErasureConfig, concepts: Sequence[str]) -> str:
+    """``config.uce_inputs`` with ``"auto"`` resolved: ``"concept"`` for named toy concepts, else ``"prompts"``."""
+    if config.uce_inputs != "auto":
+        return config.uce_inputs
+    return "concept" if _all_toy(concepts) else "prompts"
+
+
+def uce_inputs(config: ErasureConfig, concepts: Sequence[str], pairs: Sequence[PromptPair],
+               retain: Sequence[str] = (), replacements: Sequence[str] = ()) -> tuple[list[str], list[str], list[str]]:
+    """``(edited, guides, preserved)`` texts of a UCE erasure, by ``config.uce_inputs``.
+
+    ``"concept"`` (the reference's reading; ``"auto"`` for named toy concepts): each concept's words towards its
+    replacement's (``""`` without one), every kept value's words and the retain prompts preserved
+    (:func:`~var_erase.erasure.uce.toy_concept_texts`); the edit reads the last own token of each text, as the
+    reference does (``tokens="last"`` of :func:`~var_erase.erasure.uce.edit`). ``"prompts"`` (the adaptation;
+    ``"auto"`` otherwise): every token of every pair's unsafe prompt towards its safe prompt, the retain prompts and
+    the safe prompts preserved."""
+    from .uce import toy_concept_texts
+
+    if uce_mode(config, concepts) == "concept":
+        if not _all_toy(concepts):
+            raise ValueError(f"uce_inputs='concept' edits the words of named toy-world concepts, got {list(concepts)}; "
+                             "use uce_inputs='prompts' (or 'auto') to edit the prompt pairs' prompts")
+        edited, guides, preserved = toy_concept_texts(concepts, replacements)
+    else:
+        edited, guides, preserved = [p.unsafe for p in pairs], [p.safe for p in pairs], [p.safe for p in pairs]
+    return edited, guides, list(dict.fromkeys(preserved + list(retain)))
+
+
+def _erase_closed_form(pipe, config, concepts, pairs, retain, replacements, output_dir, base_model, judge, validator,
+                       grid_prompts, num_grid_images, seed, progress) -> ErasureResult:
+    """UCE (:mod:`.uce`) on the texts of :func:`uce_inputs`, in one closed-form step; written as an adapter, then
+    read once by the judge (when given)."""
     from . import uce
 
     targets = [m.rsplit(".", 1)[-1] for m in config.lora_target_modules]
-    edited = uce.edit(pipe, [p.unsafe for p in pairs], [p.safe for p in pairs], preserve=retain or None,
-                      target_modules=list(dict.fromkeys(targets)))
+    edited_texts, guides, preserved = uce_inputs(config, concepts, pairs, retain, replacements)
+    mode = uce_mode(config, concepts)
+    edited = uce.edit(pipe, edited_texts, guides, preserve=preserved or None,
+                      target_modules=list(dict.fromkeys(targets)), tokens="last" if mode == "concept" else "all")
+    edited.hyperparameters["uce_inputs"] = mode
     metadata = uce.adapter_metadata(edited, pipe, base_model or _pipeline_path(pipe), concepts)
     pipe.transformer.add_adapter(edited.lora_config, adapter_name="default")  # the edit, in memory, for the judge
     set_peft_model_state_dict(pipe.transformer, edited.state_dict, adapter_name="default")

@@ -14,7 +14,23 @@ gives::
 
 (e = ``erase_scale``, p = ``preserve_scale``, the paper's lambda; r = ``regularization``, the reference code's
 ``lamb``, which keeps the matrix invertible with few concepts; r = 0 is the paper's formula). :func:`closed_form_edit`
-computes it; biases are not edited (``W' c + b = W c* + b`` is the same condition).
+computes it; biases are not edited (``W' c + b = W c* + b`` is the same condition). The defaults e = 1, p = 1,
+r = 0.5 are those of the reference code's current script (``trainscripts/uce_sd_erase.py`` of
+rohitgandikota/unified-concept-editing: ``--erase_scale 1 --preserve_scale 1 --lamb 0.5``; its first script,
+``train-scripts/train_erase.py``, also passes ``lamb=0.5``, with ``--preserve_scale`` 0.1).
+
+What is edited. The reference edits the concept's own text (``--erase_concepts "Van Gogh"``), each towards a guide
+text (``--guide_concepts``; default ``""``, the empty prompt, for objects and ``"art"`` for styles), and preserves a
+list of other concepts' texts (``--preserve_concepts``), so the edit acts on the concept's directions only.
+:func:`toy_concept_texts` builds these inputs for named toy concepts (what ``erase(..., method="uce")`` does by
+default). Editing every token of whole captions instead (``uce_inputs="prompts"`` of
+:class:`~var_erase.erasure.config.ErasureConfig`, an adaptation for prompt pairs without concept names) makes
+hundreds of contextual features span nearly the whole text space, so the edit rewrites every prompt unless
+many prompts are preserved. Tokens: the reference edits one token per text, its last word token
+(``attention_mask.sum() - 2``; its first script that token and every later one, padding included) and, in its
+first script, preserves every token of the preserved texts. ``edit(..., tokens="last")`` does the same (the
+default of ``erase``'s concept texts); ``tokens="all"`` (the default here, and ``uce_inputs="prompts"``) edits every
+real token, aligned as below, special tokens included, which all prompts share (:func:`select_tokens`).
 
 Adaptation to a VAR transformer (Infinity). The features ``c`` are the rows of the text memory that every
 cross-attention reads: the text encoder's states of a prompt, normalised and projected by the transformer
@@ -83,7 +99,7 @@ def closed_form_edit(
     preserve_inputs_MI: torch.Tensor | None = None,
     erase_scale: float = 1.0,
     preserve_scale: float = 1.0,
-    regularization: float = 0.1,
+    regularization: float = 0.5,
 ) -> torch.Tensor:
     """UCE's closed form ``W' = (e V*^T C + p W P^T P + r W)(e C^T C + p P^T P + r I)^-1`` (module docstring).
 
@@ -128,7 +144,7 @@ def _solve_right(lhs_OI: torch.Tensor, gram_II: torch.Tensor) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(gram_II)
     if int(info) != 0:
         raise ValueError("UCE's system is singular: the edited and preserved features span fewer than all input "
-                         "dimensions. Use regularization > 0 (the reference's lamb, e.g. 0.1) or more preserved "
+                         "dimensions. Use regularization > 0 (the reference's lamb, 0.5) or more preserved "
                          "concepts")
     return torch.cholesky_solve(lhs_OI.T, factor).T
 
@@ -140,6 +156,38 @@ def text_features(pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
     states_BTC, mask_BT = pipe.encode_prompt(list(prompts), pipe.transformer.device)
     context_BTC = pipe.transformer.prepare_condition(states_BTC, mask_BT).context_BTC
     return [context_BTC[i, mask_BT[i].to(context_BTC.device)].double() for i in range(len(prompts))]
+
+
+TOKEN_SELECTIONS: tuple[str, ...] = ("all", "words", "last")
+"""Which real tokens of a text :func:`edit` uses (:func:`select_tokens`)."""
+
+
+def select_tokens(pipe, prompts: Sequence[str], tokens: str = "all") -> list[torch.Tensor]:
+    """:func:`text_features` of each prompt, restricted to some of its tokens.
+
+    ``"all"``: every real token. ``"words"``: the text's own tokens, without the tokenizer's special tokens
+    (``[CLS]`` / ``[SEP]`` of BERT, ``</s>`` of T5), which every prompt has and which, contextual or not, point in
+    similar directions for every text (on the toy model, ``[CLS]`` of "red" has cosine 0.82 with ``[CLS]`` of
+    "circle" and 0.74 with that of a caption), so editing them edits every prompt. ``"last"``: the last own token
+    only, the reference's choice (``attention_mask.sum() - 2`` of CLIP's ``[BOS] words [EOS]``). A text with no
+    own token (``""``) keeps every token for ``"words"`` and its first for ``"last"`` (the reference's ``[BOS]``).
+    """
+    features = text_features(pipe, prompts)
+    if tokens == "all":
+        return features
+    special = pipe.tokenizer(list(prompts), return_special_tokens_mask=True)["special_tokens_mask"]
+    selected = []
+    for prompt, feature_TC, special_T in zip(prompts, features, special):
+        if len(special_T) != feature_TC.shape[0]:
+            raise ValueError(f"cannot tell {prompt!r}'s own tokens from its special ones: it is longer than the "
+                             f"text limit ({feature_TC.shape[0]} tokens); use tokens='all' or a shorter text")
+        own = [i for i, flag in enumerate(special_T) if not flag]
+        if not own:
+            keep = list(range(feature_TC.shape[0])) if tokens == "words" else [0]
+        else:
+            keep = own if tokens == "words" else own[-1:]
+        selected.append(feature_TC[keep])
+    return selected
 
 
 def align_tokens(concept_TC: torch.Tensor, replacement_SC: torch.Tensor) -> torch.Tensor:
@@ -209,6 +257,45 @@ def _check_prompts(name: str, prompts: Sequence[str] | None, allow_empty_text: b
     return prompts
 
 
+def toy_concept_texts(concepts: Sequence[str], replacements: Sequence[str] = ()
+                      ) -> tuple[list[str], list[str], list[str]]:
+    """UCE's inputs for named toy concepts, as the reference builds them for a named concept.
+
+    Edited: every training word of each erased concept, all forms, its name first (``"star"``, ``"star shape"``,
+    ``"five-pointed star"``; the held-out paraphrases are evaluation-only and never used). Guide of each word: the
+    replacement's first word of the same form (``"with dots"`` -> ``"with stripes"``), the replacement being the
+    first value ``replacements`` gives the concept (entries ``"VALUE"`` / ``"CONCEPT=VALUE"`` as
+    :func:`~var_erase.toy.pairs.parse_replacements`; the judge's choice under recipe ``"verified"``), or ``""``, the
+    reference's default guide for objects, when none is given. Preserved: every training word of every value of
+    every kind that is not erased.
+
+    Returns:
+        ``(edited, guides, preserved)`` texts for :func:`edit` (``concepts``, ``replacements``, ``preserve``).
+
+    Raises:
+        ValueError: a concept that is not a toy-world value, or a bad replacement entry.
+    """
+    from ..toy.concepts import CONCEPT_KINDS, KIND_FORMS, concepts_of_kind, get_concept
+    from ..toy.pairs import parse_replacements
+
+    try:
+        erased = [get_concept(name) for name in dict.fromkeys(get_concept(c).name for c in concepts)]
+    except KeyError as err:
+        raise ValueError(f"UCE's concept texts need named toy concepts: {err.args[0]}") from err
+    names = {c.name for c in erased}
+    own, shared = parse_replacements(list(replacements), names)
+    edited, guides = [], []
+    for concept in erased:
+        chosen = own.get(concept.name) or [v for v in shared.get(concept.kind, []) if v not in names]
+        guide = get_concept(chosen[0]) if chosen else None
+        for form in KIND_FORMS[concept.kind]:
+            edited += concept.words[form]
+            guides += [guide.words[form][0] if guide else ""] * len(concept.words[form])
+    preserved = [w for kind in CONCEPT_KINDS for c in concepts_of_kind(kind) if c.name not in names
+                 for w in c.training_words]
+    return edited, guides, preserved
+
+
 @torch.no_grad()
 def edit(
     pipe,
@@ -217,24 +304,32 @@ def edit(
     preserve: Sequence[str] | None = None,
     erase_scale: float = 1.0,
     preserve_scale: float = 1.0,
-    regularization: float = 0.1,
+    regularization: float = 0.5,
     target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
     tolerance: float = 1e-4,
     rank: int | None = None,
+    tokens: str = "all",
 ) -> UCEEdit:
     """Erase ``concepts`` from ``pipe.transformer`` with UCE's closed form; the transformer is not modified.
 
     Args:
         pipe: a ``VARPipeline`` (its text encoder gives the features; its transformer's weights are edited).
-        concepts: prompts or words to erase, any number at once (e.g. the unsafe prompts of the prompt pairs).
-        replacements: what each concept should become (e.g. the pairs' safe prompts); None = the empty prompt for
-            every concept (UCE's default for erasure).
-        preserve: prompts or words whose keys and values are to be kept (UCE's preserved concepts).
+        concepts: words or prompts to erase, any number at once (the reference: the concept's words, e.g.
+            :func:`toy_concept_texts`; the adaptation: the unsafe prompts of the prompt pairs).
+        replacements: what each concept should become (the guide texts, or the pairs' safe prompts); None = the
+            empty prompt for every concept (the reference's default guide for objects).
+        preserve: words or prompts whose keys and values are to be kept (UCE's preserved concepts).
         erase_scale, preserve_scale, regularization: e, p, r of :func:`closed_form_edit`.
         target_modules: ``to_k`` and / or ``to_v`` of every cross-attention.
         tolerance: the largest relative Frobenius error of a layer's low-rank delta (the rank is the smallest that
             holds it for every layer); ignored when ``rank`` is given.
         rank: a fixed LoRA rank instead.
+        tokens: which real tokens of each concept and replacement text are edited (:data:`TOKEN_SELECTIONS`,
+            :func:`select_tokens`): ``"all"`` (default), ``"words"`` (the text's own tokens, not the tokenizer's
+            special ones) or ``"last"`` (its last own token, the reference's choice). Every real token of the
+            preserved texts is preserved (as the reference's first script does), so the special tokens, which the
+            edit leaves out, are held in place too. Recorded as ``hyperparameters["positions"]`` (a key without
+            "token", which logs would redact).
 
     Returns:
         :class:`UCEEdit` (write it with :func:`write_adapter`).
@@ -252,10 +347,12 @@ def edit(
         raise ValueError(f"tolerance must be a relative error in [0, 1), got {tolerance!r}")
     if rank is not None and not (isinstance(rank, int) and rank >= 1):
         raise ValueError(f"rank must be None (chosen by tolerance) or an integer >= 1, got {rank!r}")
+    if tokens not in TOKEN_SELECTIONS:
+        raise ValueError(f"tokens must be one of {list(TOKEN_SELECTIONS)}, got {tokens!r}")
     layers = target_layers(pipe.transformer, target_modules)
 
     # 1. features: every concept token (paired with its replacement's token) and every preserved token
-    features = text_features(pipe, concepts + replacements + preserve)
+    features = select_tokens(pipe, concepts + replacements, tokens) + text_features(pipe, preserve)
     edit_NC = torch.cat(features[: len(concepts)])
     replacement_NC = torch.cat([align_tokens(c, r) for c, r in zip(features[: len(concepts)],
                                                                     features[len(concepts): 2 * len(concepts)])])
@@ -280,7 +377,7 @@ def edit(
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({".".join(n.split(".")[-2:]) for n in layers}))
     hyperparameters = {"erase_scale": erase_scale, "preserve_scale": preserve_scale, "regularization": regularization,
                        "tolerance": tolerance, "rank": rank, "target_modules": list(target_modules),
-                       "concepts": concepts, "replacements": replacements, "preserve": preserve,
+                       "positions": tokens, "concepts": concepts, "replacements": replacements, "preserve": preserve,
                        "num_edited_tokens": int(edit_NC.shape[0]),
                        "num_preserved_tokens": int(preserve_MC.shape[0]) if preserve_MC is not None else 0}
     return UCEEdit(state_dict, config, rank, error, hyperparameters, time.perf_counter() - start)
@@ -314,5 +411,6 @@ def write_adapter(edited: UCEEdit, output_dir: str | os.PathLike, pipe, base_mod
                                          extra_metadata=metadata.to_safetensors_metadata())
 
 
-__all__ = ["DEFAULT_TARGET_MODULES", "UCEEdit", "adapter_metadata", "align_tokens", "closed_form_edit", "edit",
-           "lora_factors", "rank_for_tolerance", "target_layers", "text_features", "write_adapter"]
+__all__ = ["DEFAULT_TARGET_MODULES", "TOKEN_SELECTIONS", "UCEEdit", "adapter_metadata", "align_tokens",
+           "closed_form_edit", "edit", "lora_factors", "rank_for_tolerance", "select_tokens", "target_layers",
+           "text_features", "toy_concept_texts", "write_adapter"]
