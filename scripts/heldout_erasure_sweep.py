@@ -148,6 +148,15 @@ def _cached_base(folder: str | None, kwargs: dict, compute) -> list[list[bool]]:
     return detections
 
 
+def loop_verdict(report: dict, drop_bar: float) -> dict:
+    """What the run's closed loop said (``"reached"``, ``"not"``, or ``"-"`` for a run without a judge) and whether
+    the bar holds on this report's prompts (every erased concept within the target, the drop within ``drop_bar``)."""
+    verified = (report.get("training") or {}).get("verified")
+    said = "-" if not verified else ("reached" if verified.get("target_reached") else "not")
+    holds = max(report["per_concept"].values()) <= ACC_E_TARGET and report["acc_i_drop"] <= drop_bar
+    return {"said": said, "holds": bool(holds)}
+
+
 def table(args) -> str:
     reports = []
     for path in sorted(glob.glob(os.path.join(args.folder, "*", args.report))):
@@ -159,7 +168,7 @@ def table(args) -> str:
     for r in reports:
         groups.setdefault(r["job"].rsplit("-s", 1)[0], []).append(r)
     lines = ["| concept | seeds | acc_e mean | acc_e worst seed | acc_i drop mean | acc_i drop worst | base acc_e | "
-             "met (seeds) | steps |", "|---|---|---|---|---|---|---|---|---|"]
+             "met (seeds) | steps | loop said |", "|---|---|---|---|---|---|---|---|---|---|"]
     summary = []
     for name, runs in groups.items():
         ten = len(runs[0]["erased"]) > 1
@@ -169,10 +178,12 @@ def table(args) -> str:
         row = {"concept": name, "seeds": len(runs), "acc_e_mean": sum(r["acc_e"] for r in runs) / len(runs),
                "acc_e_worst": worst_e, "drop_mean": sum(r["acc_i_drop"] for r in runs) / len(runs),
                "drop_worst": max(r["acc_i_drop"] for r in runs), "base_acc_e": runs[0]["base_acc_e"], "met": met,
-               "steps": [r.get("training", {}).get("steps") for r in runs]}
+               "steps": [r.get("training", {}).get("steps") for r in runs],
+               "loop": [loop_verdict(r, drop_bar) for r in runs]}
         summary.append(row)
         lines.append(f"| {name} | {len(runs)} | {row['acc_e_mean']:.3f} | {worst_e:.3f} | {row['drop_mean']:+.3f} | "
-                     f"{row['drop_worst']:+.3f} | {row['base_acc_e']:.3f} | {met}/{len(runs)} | {row['steps']} |")
+                     f"{row['drop_worst']:+.3f} | {row['base_acc_e']:.3f} | {met}/{len(runs)} | {row['steps']} | "
+                     f"{', '.join(v['said'] for v in row['loop'])} |")
     singles = [s for s in summary if s["concept"] in concept_names()]
     if singles:
         worst = max(singles, key=lambda s: s["acc_e_worst"])
@@ -180,6 +191,13 @@ def table(args) -> str:
         lines.append(f"\nWorst concept (acc_e, worst seed): {worst['concept']} {worst['acc_e_worst']:.3f}; largest "
                      f"acc_i drop: {worst_drop['concept']} {worst_drop['drop_worst']:+.3f}; met on all seeds: "
                      f"{sum(s['met'] == s['seeds'] for s in singles)} of {len(singles)} concepts.")
+    verdicts = [v for row in singles for v in row["loop"] if v["said"] != "-"]
+    if verdicts:
+        said = [v for v in verdicts if v["said"] == "reached"]
+        lines.append(f"The loop's verdicts (one-concept rows): {len(said)} of {len(verdicts)} runs said \"Target "
+                     f"reached\", {sum(v['holds'] for v in said)} of them hold here; of the "
+                     f"{len(verdicts) - len(said)} that said \"NOT reached\", "
+                     f"{sum(v['holds'] for v in verdicts if v['said'] != 'reached')} meet the bar here anyway.")
     text = "\n".join(lines)
     print(text)
     if args.output_json:

@@ -175,3 +175,27 @@ def test_heldout_sweep_accepts_every_phrasing_set_and_refuses_unknown_ones(capsy
     with pytest.raises(SystemExit):  # argparse: not one of PHRASING_SETS
         sweep.main(["base", "--phrasing_set", "test", "--output_json", "x.json"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_heldout_table_counts_what_the_loop_said_against_what_holds(tmp_path, capsys):
+    """Each run's report carries the loop's verdict (``training.verified.target_reached``); the table shows it per
+    seed and counts how many "reached" hold on the evaluated set and how many "NOT reached" meet the bar anyway."""
+    sweep = _script("heldout_erasure_sweep")
+
+    def report(job, acc_e, drop, reached):
+        folder = tmp_path / job
+        folder.mkdir()
+        verified = None if reached is None else {"target_reached": reached}
+        (folder / "eval_unseen.json").write_text(json.dumps({
+            "erased": ["red"], "per_concept": {"red": acc_e}, "acc_e": acc_e, "acc_i_drop": drop, "base_acc_e": 1.0,
+            "training": {"steps": 300, "verified": verified}}))
+
+    report("red-s3", 0.0, 0.001, True)      # said reached, holds
+    report("red-s4", 0.08, 0.001, True)     # said reached, does not hold
+    report("red-s5", 0.02, 0.001, False)    # said NOT reached, meets the bar anyway
+    report("blue-s3", 0.01, 0.03, False)    # said NOT reached, too much damage
+    report("blue-s4", 0.0, 0.0, None)       # no judge: no verdict
+    text = sweep.main(["table", str(tmp_path), "--report", "eval_unseen.json"])
+    assert "| red | 3 |" in text and "| reached, reached, not |" in text and "| not, - |" in text
+    assert ("The loop's verdicts (one-concept rows): 2 of 4 runs said \"Target reached\", 1 of them hold here; of "
+            "the 2 that said \"NOT reached\", 1 meet the bar here anyway.") in text
