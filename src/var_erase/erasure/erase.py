@@ -475,19 +475,19 @@ def _train_verified(trainer: ErasureTrainer, validator: Validator | None, every:
         if validator is not None:
             with trainer.averaged_weights():  # with ema_decay, the average is what is judged and kept
                 result = _agreed(trainer.accelerator, validator(trainer.state.step))
-                snapshot = {k: v.detach().clone() for k, v in trainer.trainable_state_dict().items()}
+                streak = streak + 1 if result.met else 0
+                confirmed = early_stopping and streak >= confirmations
+                if confirmed or better(result, best[0], validator.max_acc_i_drop):  # copied only when kept
+                    best[0], best_state = result, {k: v.detach().clone()
+                                                   for k, v in trainer.trainable_state_dict().items()}
             validations.append(result.to_dict())
             postfix.update(acc_e=f"{result.acc_e:.3f}")
             if result.acc_i is not None:
                 postfix.update(acc_i=f"{result.acc_i:.3f}")
-            streak = streak + 1 if result.met else 0
             longest = max(longest, streak)
             _log(progress, f"step {result.step}: acc_e {result.acc_e:.3f}"
                  + (f", acc_i {result.acc_i:.3f} (drop {result.acc_i_drop:+.3f})" if result.acc_i is not None else "")
                  + (f" - target met ({streak} of {confirmations} in a row)" if result.met else ""))
-            confirmed = early_stopping and streak >= confirmations
-            if confirmed or better(result, best[0], validator.max_acc_i_drop):
-                best[0], best_state = result, snapshot
             if confirmed:
                 break
         bar.set_postfix(postfix)
