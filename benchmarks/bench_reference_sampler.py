@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
     spec = CONFIGS[args.config]
     args.vae_type = spec["vae_type"]
     fused_norm = device.type == "cuda" if args.fused_norm is None else args.fused_norm
+    if fused_norm:  # Infinity's fullgraph-compiled norm sees each scale's shape, per batch size and dtype: > 8 graphs
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     with contextlib.redirect_stdout(sys.stderr):  # Infinity prints as it builds; stdout carries only the JSON
         model_module, vae_module, schedules, flash = import_infinity(args.infinity_path, args.flash_attn,
                                                                      args.stub_modules, device)

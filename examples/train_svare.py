@@ -32,6 +32,8 @@ from var_erase.pipelines.pipeline_var import VARPipeline
 from var_erase.toy.phrasings import PHRASING_SETS
 
 # flag -> ErasureConfig field, for the flags whose unset value (None) means "the recipe's"
+HELPS = {"ema_decay": "moving average of the LoRA weights that the loop validates, keeps and saves (default: the "
+                      "recipe's; verified: 0.99; 0 turns it off)"}
 CONFIG_FLAGS = {"method": "method", "learning_rate": "learning_rate", "lr_scheduler": "lr_scheduler",
                 "lr_warmup_steps": "lr_warmup_steps", "max_train_steps": "max_train_steps",
                 "train_batch_size": "train_batch_size", "update": "update", "token_threshold": "token_threshold",
@@ -67,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "of its kind, CONCEPT=VALUE for one); default: the recipe's choice")
     for flag in CONFIG_FLAGS:
         p.add_argument(f"--{flag}", type=TYPES.get(flag, str if flag in CHOICES else float), default=None,
-                       choices=CHOICES.get(flag), help="default: the recipe's")
+                       choices=CHOICES.get(flag), help=HELPS.get(flag, "default: the recipe's"))
     p.add_argument("--lora_layers", default=None,
                    help=f"comma-separated LoRA target modules (default: {','.join(DEFAULT_LORA_TARGET_MODULES)})")
     p.add_argument("--train_modules", default=None, help="full fine-tune of these modules instead of LoRA")

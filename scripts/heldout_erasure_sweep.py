@@ -184,26 +184,44 @@ def table(args) -> str:
         lines.append(f"| {name} | {len(runs)} | {row['acc_e_mean']:.3f} | {worst_e:.3f} | {row['drop_mean']:+.3f} | "
                      f"{row['drop_worst']:+.3f} | {row['base_acc_e']:.3f} | {met}/{len(runs)} | {row['steps']} | "
                      f"{', '.join(v['said'] for v in row['loop'])} |")
-    singles = [s for s in summary if s["concept"] in concept_names()]
-    if singles:
-        worst = max(singles, key=lambda s: s["acc_e_worst"])
-        worst_drop = max(singles, key=lambda s: s["drop_worst"])
-        lines.append(f"\nWorst concept (acc_e, worst seed): {worst['concept']} {worst['acc_e_worst']:.3f}; largest "
-                     f"acc_i drop: {worst_drop['concept']} {worst_drop['drop_worst']:+.3f}; met on all seeds: "
-                     f"{sum(s['met'] == s['seeds'] for s in singles)} of {len(singles)} concepts.")
-    verdicts = [v for row in singles for v in row["loop"] if v["said"] != "-"]
-    if verdicts:
-        said = [v for v in verdicts if v["said"] == "reached"]
-        lines.append(f"The loop's verdicts (one-concept rows): {len(said)} of {len(verdicts)} runs said \"Target "
-                     f"reached\", {sum(v['holds'] for v in said)} of them hold here; of the "
-                     f"{len(verdicts) - len(said)} that said \"NOT reached\", "
-                     f"{sum(v['holds'] for v in verdicts if v['said'] != 'reached')} meet the bar here anyway.")
+    for tag, singles in _one_concept_rows_by_tag(summary).items():
+        lines.append(_summary_lines(singles, f" ({tag.lstrip('-')})" if tag else ""))
     text = "\n".join(lines)
     print(text)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"rows": summary, "reports": reports}, f, indent=1)
     return text
+
+
+
+def _one_concept_rows_by_tag(summary: list[dict]) -> dict[str, list[dict]]:
+    """The one-concept rows grouped by the tag after the concept's name (``red`` -> ``""``, ``red-svare`` ->
+    ``"-svare"``), so that each recipe of a sweep gets its own summary."""
+    names = concept_names()
+    groups: dict[str, list[dict]] = {}
+    for row in summary:
+        concept = row["concept"].split("-", 1)[0]
+        if concept in names:
+            groups.setdefault(row["concept"][len(concept):], []).append(row)
+    return groups
+
+
+def _summary_lines(singles: list[dict], label: str) -> str:
+    """The worst concept, the largest drop, how many concepts meet on every seed, and the loop's honesty counts."""
+    worst = max(singles, key=lambda s: s["acc_e_worst"])
+    worst_drop = max(singles, key=lambda s: s["drop_worst"])
+    lines = [f"\nWorst concept{label} (acc_e, worst seed): {worst['concept']} {worst['acc_e_worst']:.3f}; largest "
+             f"acc_i drop: {worst_drop['concept']} {worst_drop['drop_worst']:+.3f}; met on all seeds: "
+             f"{sum(s['met'] == s['seeds'] for s in singles)} of {len(singles)} concepts."]
+    verdicts = [v for row in singles for v in row["loop"] if v["said"] != "-"]
+    if verdicts:
+        said = [v for v in verdicts if v["said"] == "reached"]
+        lines.append(f"The loop's verdicts{label}: {len(said)} of {len(verdicts)} runs said \"Target reached\", "
+                     f"{sum(v['holds'] for v in said)} of them hold here; of the {len(verdicts) - len(said)} that said "
+                     f"\"NOT reached\", {sum(v['holds'] for v in verdicts if v['said'] != 'reached')} meet the bar "
+                     "here anyway.")
+    return "\n".join(lines)
 
 
 def main(argv=None):

@@ -197,5 +197,21 @@ def test_heldout_table_counts_what_the_loop_said_against_what_holds(tmp_path, ca
     report("blue-s4", 0.0, 0.0, None)       # no judge: no verdict
     text = sweep.main(["table", str(tmp_path), "--report", "eval_unseen.json"])
     assert "| red | 3 |" in text and "| reached, reached, not |" in text and "| not, - |" in text
-    assert ("The loop's verdicts (one-concept rows): 2 of 4 runs said \"Target reached\", 1 of them hold here; of "
-            "the 2 that said \"NOT reached\", 1 meet the bar here anyway.") in text
+    assert ("The loop's verdicts: 2 of 4 runs said \"Target reached\", 1 of them hold here; of the 2 that said "
+            "\"NOT reached\", 1 meet the bar here anyway.") in text
+    assert "Worst concept (acc_e, worst seed): red 0.080" in text and "met on all seeds: 0 of 2 concepts." in text
+
+
+def test_heldout_table_summarises_each_recipe_tag_on_its_own(tmp_path, capsys):
+    """Runs tagged after the concept (``red-cand-s3``) get their own summary beside the untagged ones."""
+    sweep = _script("heldout_erasure_sweep")
+    for job, acc_e in [("red-s3", 0.08), ("red-cand-s3", 0.0), ("blue-cand-s3", 0.03)]:
+        folder = tmp_path / job
+        folder.mkdir()
+        (folder / "eval_unseen.json").write_text(json.dumps({
+            "erased": [job.split("-")[0]], "per_concept": {job.split("-")[0]: acc_e}, "acc_e": acc_e,
+            "acc_i_drop": 0.0, "base_acc_e": 1.0, "training": {"steps": 300, "verified": {"target_reached": True}}}))
+    text = sweep.main(["table", str(tmp_path), "--report", "eval_unseen.json"])
+    assert "Worst concept (acc_e, worst seed): red 0.080" in text and "met on all seeds: 0 of 1 concepts." in text
+    assert "Worst concept (cand) (acc_e, worst seed): blue-cand 0.030" in text
+    assert "The loop's verdicts (cand): 2 of 2 runs said \"Target reached\", 2 of them hold here" in text

@@ -519,10 +519,11 @@ def test_weight_average_resumes_from_a_checkpoint(anchors, tmp_path):
         _trainer(anchors, **settings).load_checkpoint(latest_checkpoint(str(tmp_path / "plain")))
 
 
-def test_ema_decay_outside_0_1_is_refused():
-    for bad in (0, 1, 1.5, -0.1):
+def test_ema_decay_outside_0_1_is_refused_and_0_turns_the_average_off(anchors):
+    for bad in (1, 1.5, -0.1, "0.9"):
         with pytest.raises(ValueError, match="ema_decay"):
             ErasureConfig(ema_decay=bad).validate()
+    assert _trainer(anchors, ema_decay=0, max_train_steps=1).ema is None  # how a recipe's average is switched off
 
 
 @pytest.mark.gpu

@@ -290,7 +290,8 @@ class ErasureTrainingArguments:
         ``None`` = ``train_batch_size``), AdamW betas (0.9, 0.97), weight decay 0.005, gradient clipping 5,
         cond_drop_rate 0.1 (the text is replaced by the unconditional embedding in 10% of samples, in both steps, as
         the code's training mode does).
-        ema_decay: ``None`` (default, as the reference): validate and save the trained weights as they are. A number
+        ema_decay: ``None`` (default, as the reference) or ``0``: validate and save the trained weights as they are
+            (``0`` turns off a recipe's average: an average with decay 0 is the weights themselves). A number
             in (0, 1): also keep an exponential moving average of the trainable weights (diffusers'
             ``training_utils.EMAModel``, updated after every optimizer step, its decay ramping as ``(1 + t) / (10 +
             t)`` up to ``ema_decay``), and validate, keep and save the averaged weights instead: an extension that
@@ -492,8 +493,8 @@ class ErasureConfig:
         check("adam_weight_decay", lambda v: _number(v) and v >= 0, "a number >= 0")
         check("max_grad_norm", lambda v: _number(v) and v > 0, "a number > 0")
         check("cond_drop_rate", lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)")
-        check("ema_decay", lambda v: v is None or (_number(v) and 0 < v < 1),
-              "None (no weight averaging) or a number in (0, 1), e.g. 0.99")
+        check("ema_decay", lambda v: v is None or (_number(v) and 0 <= v < 1),
+              "None or 0 (no weight averaging) or a number in (0, 1), e.g. 0.99")
         check("lora_rank", lambda v: _integer(v, 1), "an integer >= 1")
         check("lora_alpha", lambda v: _number(v) and v > 0, "a number > 0")
         check("lora_dropout", lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)")

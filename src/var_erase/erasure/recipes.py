@@ -10,7 +10,10 @@
   of every kept value of the erased concepts' kinds (guided, weight 0.25); and the closed loop: validation every 100
   iterations on the tuning-side phrasings (``"tuning"`` and ``"fresh"``, two images per target prompt), a concept
   counting as erased only when its leak rate is below the target at 95% confidence (not merely observed below it),
-  stopping once the worst erased concept is met on two validations in a row, at most 2,500 iterations.
+  stopping once the worst erased concept is met on two validations in a row, at most 2,500 iterations; what is
+  validated, kept and saved is the exponential moving average of the LoRA weights (``ema_decay=0.99``: the loop's
+  verdict then holds on held-out wording, where the raw weights' step-to-step swings made it claim success too
+  early; ``ema_decay=0`` / ``--ema_decay 0`` turns it off).
 - ``"svare"``: S-VARE as the reference code runs it (``ndhg1213/S-VARE``), as a rank-4 LoRA: 500 iterations, a random
   other value per pair, no retain set, no validation loop.
 - ``"svare-paper"``: ``"svare"`` with the paper's reading where it differs from the code
@@ -76,7 +79,7 @@ RECIPES: dict[str, Recipe] = {
         "verified", "S-VARE with one judge-chosen replacement, a retain set and the closed validation loop",
         config={"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-3, "max_train_steps": 2500,
                 "preservation_student": "guided", "retain_teacher": "guided", "retain_student": "guided",
-                "retain_weight": 0.25, "retain_batch_size": 4},
+                "retain_weight": 0.25, "retain_batch_size": 4, "ema_decay": 0.99},
         num_pairs=64, pair_wording="varied", replacement="judge", retain_prompts_per_concept=48, validation_steps=100,
         confirmations=2, validation_target_images=2, validation_phrasings=("tuning", "fresh"),
         validation_confidence=0.95, replacement_prompts_per_value=None),
