@@ -166,7 +166,8 @@ def erase(
 
     # 1. prompt pairs and the retain set
     pairs, concepts, replacements = _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
-                                                   judge, config, pair_wording or recipe.pair_wording)
+                                                   judge, config, pair_wording or recipe.pair_wording,
+                                                   progress and accelerator.is_main_process)
     retain = _resolve_retain(concepts, recipe, retain_prompts, retain_prompts_per_concept, seed, pairs, config)
 
     validator = None
@@ -258,7 +259,8 @@ def _pipeline_path(pipe) -> str:
     return str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path") or "unknown")
 
 
-def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements, judge, config, wording):
+def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements, judge, config, wording,
+                   progress=False):
     """(pairs, concepts, replacements): the given pairs, or pairs generated for toy concepts with the recipe's
     settings (and the replacement entries they were generated with)."""
     if pairs is not None:
@@ -284,7 +286,8 @@ def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
         chosen = judge_replacements(pipe, judge, concepts, config, seed,
                                     prompts_per_value=None if full else recipe.replacement_prompts_per_value,
                                     phrasing_sets=recipe.validation_phrasings if full else ("tuning",),
-                                    images_per_prompt=recipe.validation_target_images if full else 1)
+                                    images_per_prompt=recipe.validation_target_images if full else 1,
+                                    progress=progress)
         replacements = [f"{c}={r}" for c, r in chosen.items()]
     generated = toy_prompt_pairs(concepts, num_pairs or recipe.num_pairs, seed, replacements=replacements,
                                  wording=wording)
@@ -308,7 +311,7 @@ def _resolve_retain(concepts, recipe, extra, per_concept, seed, pairs, config) -
 @torch.no_grad()
 def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConfig, seed: int = 0,
                        prompts_per_value: int | None = 16, phrasing_sets: Sequence[str] = ("tuning",),
-                       images_per_prompt: int = 1) -> dict[str, str]:
+                       images_per_prompt: int = 1, progress: bool = False) -> dict[str, str]:
     """For each toy concept, the kept value of its kind that the judge least often reads as the concept in the base
     model's own images of that value (``prompts_per_value`` prompts of ``phrasing_sets``, None: all of them, drawn
     ``images_per_prompt`` times; ties: the value the base model draws most faithfully, then the kind's order). An
@@ -328,8 +331,8 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
     values = list(rows_by_value)
     prompts = [p for v in values for p in rows_by_value[v]]
     with adapters_disabled(pipe.transformer):
-        images = generate_images(pipe, prompts, images_per_prompt, seed + 2, progress=False,
-                                 **sampling_settings(config))
+        images = generate_images(pipe, prompts, images_per_prompt, seed + 2, progress=progress,
+                                 desc="judging replacements", **sampling_settings(config))
     owner = [v for v in values for _ in rows_by_value[v] for _ in range(images_per_prompt)]
     drawn = judge(images, owner)
     images_of = {value: [i for i, v in enumerate(owner) if v == value] for value in values}

@@ -45,12 +45,14 @@ def generate_images(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    desc: str = "generating",
     **call_kwargs,
 ) -> torch.Tensor:
-    """All images of ``prompts`` (prompt-major order) as uint8 ``(N, H, W, 3)`` on the CPU."""
+    """All images of ``prompts`` (prompt-major order) as uint8 ``(N, H, W, 3)`` on the CPU; ``desc`` labels the
+    progress bar."""
     expanded = [p for p in prompts for _ in range(num_images_per_prompt)]
     chunks = []
-    bar = tqdm(total=len(expanded), desc="generating", disable=not progress)
+    bar = tqdm(total=len(expanded), desc=desc, disable=not progress)
     for start in range(0, len(expanded), batch_size):
         batch = expanded[start: start + batch_size]
         generators = [torch.Generator().manual_seed(image_seed(seed, start + i)) for i in range(len(batch))]
