@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_layers", default=None,
                    help=f"comma-separated LoRA target modules (default: {','.join(DEFAULT_LORA_TARGET_MODULES)})")
     p.add_argument("--train_modules", default=None, help="full fine-tune of these modules instead of LoRA")
+    p.add_argument("--distinct_replacements", action="store_true",
+                   help="with the judge's replacement choice, give erased concepts of one kind different kept values")
     p.add_argument("--retain_prompts_per_concept", type=int, default=None, help="toy retain set size (recipe's)")
     p.add_argument("--retain_prompts", action="append", default=[], help="a text file of prompts to preserve")
     p.add_argument("--judge", default="auto", help="auto, oracle, nudenet, imagenet, clip:<folder>, or none")
@@ -193,6 +195,7 @@ def main(argv=None) -> str:
         result = erase(
             pipe, args.concept, output_dir=args.output_dir, pairs=args.prompt_pairs or None, recipe=recipe(args),
             config=config_overrides(args), seed=args.seed, num_pairs=args.num_pairs, pair_wording=args.pair_wording,
+            distinct_replacements=args.distinct_replacements or None,
             replacements=args.replacement, retain_prompts=read_retain_prompts(args.retain_prompts),
             retain_prompts_per_concept=args.retain_prompts_per_concept,
             judge=None if args.judge == "none" else args.judge,

@@ -173,6 +173,41 @@ def test_replacement_can_be_judged_on_every_prompt_of_the_validation_sets_and_ev
     assert full == {"triangle": "square"} and sizes[-1] == 7 * 32 * 2
 
 
+def test_distinct_replacements_give_concepts_of_one_kind_different_values():
+    """Triangle and star both read least in circles (block 0); independently both take circle. ``distinct`` takes
+    the assignment whose worst confusion is lowest: star reads as square (block 1) 10% of the time, triangle 50%, so
+    triangle keeps circle and star gets square."""
+    from var_erase.erasure.config import ErasureConfig
+    from var_erase.toy.concepts import concept_names
+
+    pipe = tiny_pipeline()
+    kept = [v for v in concept_names("shape") if v not in ("triangle", "star")]
+    second = {"triangle": 0.5, "star": 0.1}
+
+    def judge(images, concepts):
+        if len(set(concepts)) > 1:  # "is each image what its prompt asked for?"
+            return [True] * len(concepts)
+        per_value = len(concepts) // len(kept)
+        rate = second[concepts[0]]
+        return [i >= per_value and (i >= 2 * per_value or (i - per_value) < rate * per_value)
+                for i in range(len(concepts))]
+
+    both = judge_replacements(pipe, judge, ["triangle", "star"], ErasureConfig(), prompts_per_value=10)
+    assert both == {"triangle": kept[0], "star": kept[0]}
+    distinct = judge_replacements(pipe, judge, ["triangle", "star"], ErasureConfig(), prompts_per_value=10,
+                                  distinct=True)
+    assert distinct == {"triangle": kept[0], "star": kept[1]}
+
+
+def test_distinct_assignment_repeats_values_only_when_there_are_too_few():
+    from var_erase.erasure.erase import _distinct_assignment
+
+    scores = {"a": {"x": (0.0, -1.0, 0), "y": (0.2, -1.0, 1)}, "b": {"x": (0.0, -1.0, 0), "y": (0.3, -1.0, 1)}}
+    assert _distinct_assignment(scores) == {"a": "y", "b": "x"}  # worst confusion 0.2 rather than 0.3
+    three = {**scores, "c": {"x": (0.1, -1.0, 0), "y": (0.0, -1.0, 1)}}
+    assert _distinct_assignment(three) == {"a": "x", "b": "x", "c": "y"}  # 3 concepts, 2 values: each its best
+
+
 def test_confirmations_need_met_validations_in_a_row_and_keep_the_last(tmp_path):
     pipe = tiny_pipeline()
     judge = ScheduledJudge(pipe, [1.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # met at 1, lost at 2, met at 3 and 4

@@ -18,6 +18,7 @@ redacted) in ``output_dir``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -83,6 +84,7 @@ def erase(
     num_pairs: int | None = None,
     pair_wording: str | None = None,
     replacements: Sequence[str] = (),
+    distinct_replacements: bool | None = None,
     retain_prompts: Sequence[str] = (),
     retain_prompts_per_concept: int | None = None,
     judge: Any = "auto",
@@ -126,7 +128,9 @@ def erase(
             wording (``"random"``, ``"balanced"`` or ``"varied"``: :func:`~var_erase.toy.pairs.toy_prompt_pairs`),
             replacement entries
             (``"circle"`` for every erased shape, ``"star=circle"`` for one concept; none: the recipe's choice),
-            and the toy retain set size; ``retain_prompts``: more prompts to preserve.
+            and the toy retain set size; ``retain_prompts``: more prompts to preserve. ``distinct_replacements``:
+            with the judge's choice, several erased concepts of one kind get different kept values
+            (:func:`judge_replacements`; None: the recipe's, off in every recipe).
         judge: ``"auto"`` (the toy oracle on the toy model, NudeNet for nudity, an ImageNet classifier for ImageNet
             classes), a judge name or object (:mod:`~var_erase.erasure.judges`), any callable
             ``judge(images_NHW3, concepts) -> list[bool]``, or None (no verification).
@@ -167,7 +171,9 @@ def erase(
     # 1. prompt pairs and the retain set
     pairs, concepts, replacements = _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
                                                    judge, config, pair_wording or recipe.pair_wording,
-                                                   progress and accelerator.is_main_process)
+                                                   progress and accelerator.is_main_process,
+                                                   recipe.distinct_replacements if distinct_replacements is None
+                                                   else distinct_replacements)
     retain = _resolve_retain(concepts, recipe, retain_prompts, retain_prompts_per_concept, seed, pairs, config)
 
     validator = None
@@ -260,7 +266,7 @@ def _pipeline_path(pipe) -> str:
 
 
 def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements, judge, config, wording,
-                   progress=False):
+                   progress=False, distinct=False):
     """(pairs, concepts, replacements): the given pairs, or pairs generated for toy concepts with the recipe's
     settings (and the replacement entries they were generated with)."""
     if pairs is not None:
@@ -287,7 +293,7 @@ def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
                                     prompts_per_value=None if full else recipe.replacement_prompts_per_value,
                                     phrasing_sets=recipe.validation_phrasings if full else ("tuning",),
                                     images_per_prompt=recipe.validation_target_images if full else 1,
-                                    progress=progress)
+                                    progress=progress, distinct=distinct)
         replacements = [f"{c}={r}" for c, r in chosen.items()]
     generated = toy_prompt_pairs(concepts, num_pairs or recipe.num_pairs, seed, replacements=replacements,
                                  wording=wording)
@@ -311,13 +317,18 @@ def _resolve_retain(concepts, recipe, extra, per_concept, seed, pairs, config) -
 @torch.no_grad()
 def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConfig, seed: int = 0,
                        prompts_per_value: int | None = 16, phrasing_sets: Sequence[str] = ("tuning",),
-                       images_per_prompt: int = 1, progress: bool = False) -> dict[str, str]:
+                       images_per_prompt: int = 1, progress: bool = False, distinct: bool = False
+                       ) -> dict[str, str]:
     """For each toy concept, the kept value of its kind that the judge least often reads as the concept in the base
     model's own images of that value (``prompts_per_value`` prompts of ``phrasing_sets``, None: all of them, drawn
     ``images_per_prompt`` times; ties: the value the base model draws most faithfully, then the kind's order). An
     erasure that maps T to R cannot score below that confusion rate, so this picks the cleanest substitute the judge
     allows. A few percent of confusion decides whether a 5% target is reachable, and 16 images cannot see it: the
-    base model's circles are read as diamonds in 3% and as crescents in 5% of 64 images, as a tie at 0 of 16."""
+    base model's circles are read as diamonds in 3% and as crescents in 5% of 64 images, as a tie at 0 of 16.
+
+    ``distinct``: several erased concepts of one kind get different values (the assignment whose worst confusion is
+    lowest), instead of each its own best value, which can send four shapes to one. Off by default: not yet measured.
+    """
     from ..toy.concepts import concept_names, get_concept
 
     erased = {get_concept(c).name for c in concepts}
@@ -336,19 +347,41 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
     owner = [v for v in values for _ in rows_by_value[v] for _ in range(images_per_prompt)]
     drawn = judge(images, owner)
     images_of = {value: [i for i, v in enumerate(owner) if v == value] for value in values}
-    chosen = {}
+    scores: dict[str, dict[str, tuple]] = {}  # concept -> value -> (confusion, -adherence, order)
     for concept in (get_concept(c) for c in concepts):
         read_as = judge(images, [concept.name] * len(owner))
-        scores = []
+        scores[concept.name] = {}
         for order, value in enumerate(values):
             if get_concept(value).kind != concept.kind:
                 continue
             idx = images_of[value]
             confusion = sum(read_as[i] for i in idx) / len(idx)  # every image of the value's prompts
             adherence = sum(drawn[i] for i in idx) / len(idx)
-            scores.append((confusion, -adherence, order, value))
-        chosen[concept.name] = min(scores)[-1]
-    return chosen
+            scores[concept.name][value] = (confusion, -adherence, order)
+    if not distinct:
+        return {c: min(by_value, key=by_value.get) for c, by_value in scores.items()}
+    chosen = {}
+    for kind in kinds:
+        chosen.update(_distinct_assignment({c: v for c, v in scores.items() if get_concept(c).kind == kind}))
+    return {c: chosen[c] for c in scores}
+
+
+def _distinct_assignment(scores: dict[str, dict[str, tuple]]) -> dict[str, str]:
+    """One kept value per concept of one kind, no value given twice: the assignment whose worst confusion is lowest,
+    then the lowest total confusion, then the most faithful values, then the kind's order. With more concepts than
+    kept values each concept takes its own best value (values repeat)."""
+    concepts = list(scores)
+    values = sorted({v for by_value in scores.values() for v in by_value}, key=lambda v: scores[concepts[0]][v][2])
+    if len(concepts) > len(values):
+        return {c: min(by_value, key=by_value.get) for c, by_value in scores.items()}
+
+    def cost(assignment):
+        picked = [scores[c][v] for c, v in zip(concepts, assignment)]
+        return (max(p[0] for p in picked), sum(p[0] for p in picked), sum(p[1] for p in picked),
+                [p[2] for p in picked])
+
+    best = min(itertools.permutations(values, len(concepts)), key=cost)
+    return dict(zip(concepts, best))
 
 
 def _default_validation_prompts(concepts: list[str], seed: int, recipe: Recipe) -> ValidationPrompts:

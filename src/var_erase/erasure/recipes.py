@@ -48,6 +48,8 @@ class Recipe:
         replacement_prompts_per_value: with ``replacement="judge"``, base-model prompts per kept value the choice is
             judged on (tuning phrasings, one image each); None: every prompt of ``validation_phrasings``, drawn
             ``validation_target_images`` times (a few percent of confusion is invisible in 16 images).
+        distinct_replacements: with ``replacement="judge"``, give several erased concepts of one kind different kept
+            values (:func:`~var_erase.erasure.erase.judge_replacements` ``distinct``).
         validation_confidence: judge each erased concept by the upper bound of its leak rate at this confidence
             (:func:`~var_erase.erasure.validation.leak_upper_bound`); None: the observed share.
     """
@@ -65,6 +67,7 @@ class Recipe:
     validation_phrasings: tuple[str, ...] = ("tuning",)
     validation_confidence: float | None = None
     replacement_prompts_per_value: int | None = 16
+    distinct_replacements: bool = False
 
     def erasure_config(self, **overrides: Any) -> ErasureConfig:
         """The recipe's :class:`ErasureConfig`, with ``overrides`` (None values are ignored) on top."""
