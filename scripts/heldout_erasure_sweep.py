@@ -61,6 +61,7 @@ def jobs(args) -> None:
             flags = " ".join(f"--concept {c}" for c in concepts)
             train = (f"python examples/train_svare.py {flags}{recipe} --seed {seed} --output_dir {{D}} "
                      f"--anchor_cache_dir {{D}}/anchors --num_validation_images 2")
+            train += f" {args.train_args}" if args.train_args else ""
             cache = f" --base_cache {args.base_cache}" if args.base_cache else ""
             evaluate = [f"python scripts/heldout_erasure_sweep.py evaluate --lora {{D}} "
                         f"{' '.join(f'--target_concept {c}' for c in concepts)} --phrasing_set {phrasing_set}"
@@ -82,7 +83,7 @@ def evaluate(args) -> dict:
     judge = OracleJudge(device=device)
     sampling = _inference_sampling()
     kwargs = dict(phrasing_set=args.phrasing_set, images_per_prompt=args.images_per_prompt, seed=args.seed,
-                  progress=False, **sampling)
+                  progress=True, **sampling)
     base = _cached_base(args.base_cache, kwargs, lambda: base_detections(pipe, judge, **kwargs))
     after = phrasing_detections(pipe, judge, **kwargs)
     report = erasure_report(args.target_concept, after, base, args.phrasing_set)
@@ -112,7 +113,7 @@ def base(args) -> dict:
     pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path).to(device)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(phrasing_set=args.phrasing_set, images_per_prompt=args.images_per_prompt, seed=args.seed,
-                  progress=False, **_inference_sampling())
+                  progress=True, **_inference_sampling())
     seen = phrasing_detections(pipe, OracleJudge(device=device), **kwargs)
     if args.cache_dir:
         _cached_base(args.cache_dir, kwargs, lambda: seen)
@@ -234,6 +235,8 @@ def main(argv=None):
     j.add_argument("--recipe", default=None, help="default: the script's default recipe")
     j.add_argument("--tag", default="", help="appended to job names (e.g. -svare; write --tag=-svare)")
     j.add_argument("--method", default=None, help="train_svare.py --method (baselines: esd-u, esd-x, fmn, uce, ...)")
+    j.add_argument("--train_args", default="",
+                   help='more train_svare.py flags for every job, e.g. --train_args="--validation_steps 250"')
     j.add_argument("--estimate_s", type=float, default=120)
     j.add_argument("--sets", default="unseen",
                    help=f"phrasing sets to evaluate on, comma-separated, from {', '.join(PHRASING_SETS)}")

@@ -165,6 +165,14 @@ def test_heldout_sweep_jobs_for_a_baseline_method(capsys):
     assert len(job["cmds"]) == 2
 
 
+def test_heldout_sweep_appends_train_args_to_every_training_command(capsys):
+    sweep = _script("heldout_erasure_sweep")
+    sweep.main(["jobs", "--seeds", "3", "--ten", "--concepts", "blue", "--train_args=--validation_steps 250"])
+    jobs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [j["name"] for j in jobs] == ["ten-s3", "blue-s3"]
+    assert all(_training(j["cmds"][0]).validation_steps == 250 for j in jobs)
+
+
 def test_heldout_sweep_accepts_every_phrasing_set_and_refuses_unknown_ones(capsys):
     sweep = _script("heldout_erasure_sweep")
     sweep.main(["jobs", "--seeds", "3", "--concepts", "blue", "--sets", "unseen,fresh"])
