@@ -313,6 +313,19 @@ def test_validation_prompts_can_draw_on_several_tuning_side_phrasing_sets():
         toy_validation_prompts(["blue"], ())
 
 
+def test_the_default_recipe_averages_the_weights_and_a_zero_decay_turns_it_off():
+    from var_erase.erasure.recipes import DEFAULT_RECIPE, RECIPES
+
+    from ._scripts import load_script
+
+    assert RECIPES[DEFAULT_RECIPE].erasure_config().ema_decay == 0.99
+    assert RECIPES["svare"].erasure_config().ema_decay is None  # the reference saves the trained weights
+    assert RECIPES[DEFAULT_RECIPE].erasure_config(ema_decay=0).ema_decay == 0
+    train = load_script("examples/train_svare.py")
+    args = train.parse_args(["--concept", "red", "--output_dir", "x", "--ema_decay", "0"])
+    assert train.config_overrides(args)["ema_decay"] == 0
+
+
 def test_varied_pairs_name_the_concept_after_the_noun_too():
     from var_erase.toy.captions import OBJECT_TEMPLATES
     from var_erase.toy.pairs import toy_prompt_pairs
