@@ -199,6 +199,28 @@ def test_distinct_replacements_give_concepts_of_one_kind_different_values():
     assert distinct == {"triangle": kept[0], "star": kept[1]}
 
 
+def test_erase_passes_distinct_replacements_to_the_judged_choice(tmp_path):
+    """The flag reaches the replacement choice and the generated pairs: triangle and star (both clean only on the
+    first kept shape) get the first and second kept shapes, recorded in the training log."""
+    from var_erase.toy.concepts import concept_names
+
+    pipe = tiny_pipeline()
+    kept = [v for v in concept_names("shape") if v not in ("triangle", "star")]
+
+    def judge(images, concepts):  # blocks past the first read as the concept, except star in the second
+        if len(set(concepts)) > 1 or len(concepts) < 2 * len(kept):
+            return [True] * len(concepts)
+        per_value = len(concepts) // len(kept)
+        return [i >= per_value and not (concepts[0] == "star" and i < 2 * per_value) for i in range(len(concepts))]
+
+    result = erase(pipe, ["triangle", "star"], output_dir=tmp_path / "out", recipe="verified", judge=judge,
+                   config={"max_train_steps": 1}, num_pairs=2, retain_prompts_per_concept=0, validation_steps=None,
+                   validation_prompts=VALIDATION, num_grid_images=0, progress=False, distinct_replacements=True)
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert log["replacements"] == [f"triangle={kept[0]}", f"star={kept[1]}"], log["replacements"]
+    assert result.steps == 1
+
+
 def test_distinct_assignment_repeats_values_only_when_there_are_too_few():
     from var_erase.erasure.erase import _distinct_assignment
 
