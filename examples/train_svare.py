@@ -29,7 +29,7 @@ from var_erase.erasure.recipes import DEFAULT_RECIPE, RECIPES, Recipe, get_recip
 from var_erase.erasure.trainer import check_activation_memory_budget
 from var_erase.erasure.validation import ValidationPrompts
 from var_erase.pipelines.pipeline_var import VARPipeline
-from var_erase.toy.phrasings import PHRASING_SETS
+from var_erase.toy.phrasings import FROZEN_SETS, PHRASING_SETS
 
 # flag -> ErasureConfig field, for the flags whose unset value (None) means "the recipe's"
 HELPS = {"ema_decay": "moving average of the LoRA weights that the loop validates, keeps and saves (default: the "
@@ -179,6 +179,11 @@ def recipe(args) -> Recipe:
     if not sets or unknown:
         raise SystemExit(f"train_svare.py: --validation_phrasings {args.validation_phrasings!r}: choose from "
                          f"{', '.join(PHRASING_SETS)}")
+    frozen = [s for s in sets if s in FROZEN_SETS]
+    if frozen:
+        raise SystemExit(f"train_svare.py: --validation_phrasings {args.validation_phrasings!r}: {frozen[0]!r} is a "
+                         f"frozen held-out set results are judged on; validate on the tuning-side sets "
+                         f"({', '.join(s for s in PHRASING_SETS if s not in FROZEN_SETS)})")
     return replace(chosen, validation_phrasings=sets)
 
 

@@ -330,9 +330,24 @@ def test_validation_prompts_can_draw_on_several_tuning_side_phrasing_sets():
     assert not any("blue" in p for p, _ in two.kept)
     recipe = RECIPES["verified"]
     assert recipe.validation_confidence == 0.95 and "tuning" in recipe.validation_phrasings
-    assert not {"heldout", "paraphrase", "unseen"} & set(recipe.validation_phrasings)  # never a held-out set
+    assert not {"heldout", "paraphrase", "unseen", "unseen2"} & set(recipe.validation_phrasings)  # never held out
     with pytest.raises(ValueError, match="at least one"):
         toy_validation_prompts(["blue"], ())
+
+
+@pytest.mark.parametrize("frozen", ["unseen", "unseen2"])
+def test_validation_refuses_every_frozen_heldout_set(frozen):
+    from dataclasses import replace
+
+    from var_erase.erasure.erase import _default_validation_prompts
+    from var_erase.erasure.recipes import RECIPES
+    from var_erase.toy.phrasings import FROZEN_SETS
+
+    assert frozen in FROZEN_SETS
+    assert all(not set(FROZEN_SETS) & set(r.validation_phrasings) for r in RECIPES.values())
+    recipe = replace(RECIPES["verified"], validation_phrasings=("tuning", frozen))
+    with pytest.raises(ValueError, match=f"include '{frozen}', a frozen held-out set"):
+        _default_validation_prompts(["blue"], 0, recipe)
 
 
 def test_the_default_recipe_averages_the_weights_and_a_zero_decay_turns_it_off():

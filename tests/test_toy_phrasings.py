@@ -1,4 +1,4 @@
-"""The tuning, held-out, fresh and unseen phrasing sets: disjoint from the captions and each other, complete,
+"""The tuning, held-out, fresh, unseen and unseen2 phrasing sets: disjoint from the captions and each other, complete,
 and frozen."""
 
 import re
@@ -27,9 +27,12 @@ FROZEN = {
     # written 2026-12-06 a priori (no model run on it) by someone who did not work on the erasure method; the headline
     # set from then on ("fresh" had been looked at per template and used for tuning)
     "unseen": "0203a988ba64676901ef2fb0246c19024ca00b018d3b2e077c4b34bd5e06a957",
+    # written 2026-12-06 apart from the method work, once "unseen" had been seen by the method's developers; only the
+    # base model was run on it before freezing
+    "unseen2": "da434515908fd4f5a9ce9869816eef3fe782143c6a3bc6bc67a78f0fd4bf3b7f",
 }
-SETS = ("tuning", "heldout", "fresh", "unseen")
-WRITTEN_APART = ("fresh", "unseen")  # the sets written by someone outside the method's work
+SETS = ("tuning", "heldout", "fresh", "unseen", "unseen2")
+WRITTEN_APART = ("fresh", "unseen", "unseen2")  # the sets written by someone outside the method's work
 
 
 def _caption_templates() -> set[str]:
@@ -89,7 +92,7 @@ def test_templates_written_apart_fill_each_kind_exactly_once_with_known_slots(ph
     assert max(len(r.prompt.split()) for r in phrasing_rows(phrasing_set)) < 20
 
 
-@pytest.mark.parametrize("phrasing_set", ["heldout", "fresh", "unseen"])
+@pytest.mark.parametrize("phrasing_set", ["heldout", "fresh", "unseen", "unseen2"])
 @pytest.mark.parametrize("concept", ["blue", "star", "striped"])
 def test_each_concept_meets_every_value_of_the_other_kinds(concept, phrasing_set):
     target = get_concept(concept)
@@ -108,7 +111,7 @@ def test_prompts_name_what_they_ask_for_and_paraphrases_use_heldout_words():
     assert len(phrasing_rows("heldout")) == 8 * 32 + 8 * 32 + 4 * 64 and len(concept_names()) == 20
 
 
-@pytest.mark.parametrize("phrasing_set", ["tuning", "fresh", "unseen"])
+@pytest.mark.parametrize("phrasing_set", ["tuning", "fresh", "unseen", "unseen2"])
 def test_every_prompt_words_its_three_values_and_no_other_concept(phrasing_set):
     rows = phrasing_rows(phrasing_set)
     assert len(rows) == 8 * 32 + 8 * 32 + 4 * 64

@@ -90,6 +90,14 @@ def test_validation_phrasings_flag_picks_tuning_side_sets_and_never_the_headline
         train_svare.main(_args(base, tmp_path / "u", 1, "--judge", "oracle", "--validation_phrasings", "unseen"))
 
 
+@pytest.mark.parametrize("frozen", ["unseen", "unseen2"])
+def test_validation_phrasings_flag_refuses_every_frozen_heldout_set(frozen):
+    flags = ["--output_dir", "x", "--concept", "red", "--validation_phrasings", f"tuning,{frozen}"]
+    args = train_svare.parse_args(flags)
+    with pytest.raises(SystemExit, match=f"'{frozen}' is a frozen held-out set"):
+        train_svare.recipe(args)
+
+
 def test_retain_prompts_option_trains_and_is_logged(base, tmp_path):
     out = tmp_path / "retain"
     extra = tmp_path / "keep.txt"

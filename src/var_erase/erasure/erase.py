@@ -289,6 +289,8 @@ def _resolve_pairs(pipe, pairs, concepts, recipe, seed, num_pairs, replacements,
     warn_if_styles_miss_fine_scales(concepts, config.num_train_scales)
     if not replacements and recipe.replacement == "judge" and judge is not None:
         full = not recipe.replacement_prompts_per_value  # None: a sample as large as a validation
+        if full:
+            _refuse_frozen_phrasings(recipe.validation_phrasings)
         chosen = judge_replacements(pipe, judge, concepts, config, seed,
                                     prompts_per_value=None if full else recipe.replacement_prompts_per_value,
                                     phrasing_sets=recipe.validation_phrasings if full else ("tuning",),
@@ -384,16 +386,25 @@ def _distinct_assignment(scores: dict[str, dict[str, tuple]]) -> dict[str, str]:
     return dict(zip(concepts, best))
 
 
+def _refuse_frozen_phrasings(phrasing_sets: Sequence[str]) -> None:
+    """Raise if ``phrasing_sets`` (validation or replacement choice) include a frozen held-out set
+    (:data:`var_erase.toy.phrasings.FROZEN_SETS`): results are judged on those, so validating on one would tune on
+    it."""
+    from ..toy.phrasings import FROZEN_SETS, PHRASING_SETS
+
+    frozen = [s for s in phrasing_sets if s in FROZEN_SETS]
+    if frozen:
+        allowed = ", ".join(repr(s) for s in PHRASING_SETS if s not in FROZEN_SETS)
+        raise ValueError(f"validation_phrasings {list(phrasing_sets)} include {frozen[0]!r}, a frozen held-out set "
+                         f"results are judged on: validating on it would tune on it. Use the tuning-side sets "
+                         f"({allowed})")
+
+
 def _default_validation_prompts(concepts: list[str], seed: int, recipe: Recipe) -> ValidationPrompts:
     from ..toy.pairs import is_toy_concept
 
     if concepts and all(is_toy_concept(c) for c in concepts):
-        from ..toy.phrasings import HEADLINE_SET
-
-        if HEADLINE_SET in recipe.validation_phrasings:
-            raise ValueError(f"validation_phrasings {list(recipe.validation_phrasings)} include {HEADLINE_SET!r}, the "
-                             f"frozen held-out set results are judged on: validating on it would tune on it. Use the "
-                             f"tuning-side sets ('tuning', 'heldout', 'fresh', 'paraphrase')")
+        _refuse_frozen_phrasings(recipe.validation_phrasings)
         return toy_validation_prompts(concepts, recipe.validation_phrasings, seed=seed,
                                       target_images_per_prompt=recipe.validation_target_images)
     raise ValueError(f"no default validation prompts for {concepts}: pass validation_prompts=ValidationPrompts("

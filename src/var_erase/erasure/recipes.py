@@ -44,7 +44,7 @@ class Recipe:
         confirmations: met validations in a row before the loop stops early.
         validation_target_images: images judged per target prompt at each validation (toy world).
         validation_phrasings: the toy phrasing sets validated on (:mod:`var_erase.toy.phrasings`; tuning-side sets
-            only, never the headline held-out set).
+            only, never a frozen held-out set, :data:`var_erase.toy.phrasings.FROZEN_SETS`).
         replacement_prompts_per_value: with ``replacement="judge"``, base-model prompts per kept value the choice is
             judged on (tuning phrasings, one image each); None: every prompt of ``validation_phrasings``, drawn
             ``validation_target_images`` times (a few percent of confusion is invisible in 16 images).

@@ -88,7 +88,7 @@ def toy_validation_prompts(concepts: Sequence[str], phrasing_set: str | Sequence
                            kept_per_concept: int = 12, targets_per_concept: int | None = None, seed: int = 0,
                            target_images_per_prompt: int = 1) -> ValidationPrompts:
     """Validation prompts of the toy world from one or more phrasing sets (:mod:`var_erase.toy.phrasings`; the closed
-    loop uses tuning-side sets, never the held-out headline set): every prompt of the erased concepts in every set
+    loop uses tuning-side sets, never a frozen held-out set): every prompt of the erased concepts in every set
     (or ``targets_per_concept`` of them, spread evenly), and ``kept_per_concept`` prompts of each other concept of
     every kind that mention no erased concept, spread over the sets. ``target_images_per_prompt`` images of each
     target prompt are judged (one of each kept prompt)."""

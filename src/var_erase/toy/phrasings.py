@@ -1,8 +1,8 @@
-"""Frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"``, ``"heldout"``, ``"fresh"`` and
-``"unseen"``.
+"""Frozen phrasing sets for judging an erasure on wording it never saw: ``"tuning"``, ``"heldout"``, ``"fresh"``,
+``"unseen"`` and ``"unseen2"``.
 
 An erasure is trained on caption-template prompts (:mod:`var_erase.toy.captions`, split ``"train"``). Whether it
-generalises is judged on prompts written differently. Four disjoint template sets exist, plus one variant:
+generalises is judged on prompts written differently. Five disjoint template sets exist, plus one variant:
 
 - ``"tuning"``: what the closed training loop validates on (``var_erase.erase(..., validation_steps=...)``) and the
   only set any recipe may be tuned on.
@@ -15,7 +15,12 @@ generalises is judged on prompts written differently. Four disjoint template set
 - ``"unseen"``: frozen 2026-12-06 (digest pinned in ``tests/test_toy_phrasings.py``), written a priori by someone who
   did not work on the erasure method (no model was run on it while writing, no template was kept or dropped by a
   result), never used by training, validation or tuning: the headline set from now on. Its templates should not be
-  read or inspected per template by anyone tuning a recipe; report its aggregate numbers.
+  read or inspected per template by anyone tuning a recipe; report its aggregate numbers. Its wording has since been
+  seen by the method's developers.
+- ``"unseen2"``: frozen 2026-12-06, written apart from the method work, digest pinned (``tests/test_toy_phrasings.py``);
+  the base model was measured on it once before freezing, no erasure result was looked at. It is never used by
+  training, validation or tuning; its templates should not be read by anyone working on a recipe (report aggregate
+  numbers only). The set for future headline claims.
 - ``"paraphrase"``: the held-out templates with the concept worded by its held-out paraphrases (``Concept.heldout``,
   words no training caption contains, e.g. "pentagram"); the other attributes keep training words. The base model
   reads few of these words, so this set measures robustness (is the erased concept still drawn under a name the
@@ -36,9 +41,11 @@ from dataclasses import dataclass
 
 from .concepts import CONCEPT_KINDS, Concept, concept_names, concepts_of_kind, get_concept
 
-PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase", "fresh", "unseen")
+PHRASING_SETS: tuple[str, ...] = ("tuning", "heldout", "paraphrase", "fresh", "unseen", "unseen2")
 HEADLINE_SET = "unseen"
 """The frozen held-out set the headline numbers are judged on: never trained, validated or tuned on."""
+FROZEN_SETS: tuple[str, ...] = ("unseen", "unseen2")
+"""The frozen held-out sets written apart from the method work: training-side validation refuses every one of them."""
 
 # ``{a}`` is the article of what follows it; ``{shapes}`` the plural noun; ``{style}`` the adjective, ``{style_post}``
 # the phrase after the noun. No template here occurs in captions.py, and no two sets share one.
@@ -79,6 +86,16 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "for a birthday card I need {a} {colour} {shape} {style_post}",
         "what would {a} {style} {shape} look like in {colour}?",
         "the {shape} should be {colour}, and I want it {style}",
+    ),
+    "unseen2": (
+        "how about {a} {colour} {shape} {style_post} for the logo?",
+        "shopping list: {style} pattern, {colour} paint, one {shape}",
+        "a pair of {style} {shapes} side by side, both {colour}",
+        "{a} {shape} {style_post}, its colour being {colour}",
+        "my son drew {a} {style} {shape} at school and made it {colour}",
+        "using {colour} ink, draw {a} {shape} {style_post}",
+        "just {a} {colour} {shape} {style_post} and nothing else",
+        "how many {style} {colour} {shapes} can you fit on one page?",
     ),
 }
 
@@ -159,5 +176,5 @@ def phrasing_digest(phrasing_set: str = "heldout") -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["HEADLINE_SET", "PHRASING_SETS", "TEMPLATES", "PhrasedPrompt", "phrased_prompts", "phrasing_digest",
-           "phrasing_rows"]
+__all__ = ["FROZEN_SETS", "HEADLINE_SET", "PHRASING_SETS", "TEMPLATES", "PhrasedPrompt", "phrased_prompts",
+           "phrasing_digest", "phrasing_rows"]
