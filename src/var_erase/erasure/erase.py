@@ -308,9 +308,9 @@ def _resolve_retain(concepts, recipe, extra, per_concept, seed, pairs, config) -
     prompts = list(extra)
     if per_concept is None:
         per_concept = recipe.retain_prompts_per_concept if "preservation_kl" in config.losses else 0
-    from ..toy.pairs import is_toy_concept, toy_retain_prompts
+    from ..toy.pairs import toy_retain_prompts
 
-    if per_concept and concepts and all(is_toy_concept(c) for c in concepts):
+    if per_concept and _all_toy(concepts):
         prompts += toy_retain_prompts(concepts, per_concept, seed)
     unsafe = {p.unsafe for p in pairs}
     return [p for p in dict.fromkeys(prompts) if p not in unsafe]
@@ -361,11 +361,16 @@ def judge_replacements(pipe, judge, concepts: Sequence[str], config: ErasureConf
             adherence = sum(drawn[i] for i in idx) / len(idx)
             scores[concept.name][value] = (confusion, -adherence, order)
     if not distinct:
-        return {c: min(by_value, key=by_value.get) for c, by_value in scores.items()}
+        return _best_each(scores)
     chosen = {}
     for kind in kinds:
         chosen.update(_distinct_assignment({c: v for c, v in scores.items() if get_concept(c).kind == kind}))
     return {c: chosen[c] for c in scores}
+
+
+def _best_each(scores: dict[str, dict[str, tuple]]) -> dict[str, str]:
+    """Each concept's own best value (lowest confusion, then most faithful, then the kind's order)."""
+    return {c: min(by_value, key=by_value.get) for c, by_value in scores.items()}
 
 
 def _distinct_assignment(scores: dict[str, dict[str, tuple]]) -> dict[str, str]:
@@ -375,7 +380,7 @@ def _distinct_assignment(scores: dict[str, dict[str, tuple]]) -> dict[str, str]:
     concepts = list(scores)
     values = sorted({v for by_value in scores.values() for v in by_value}, key=lambda v: scores[concepts[0]][v][2])
     if len(concepts) > len(values):
-        return {c: min(by_value, key=by_value.get) for c, by_value in scores.items()}
+        return _best_each(scores)
 
     def cost(assignment):
         picked = [scores[c][v] for c, v in zip(concepts, assignment)]
@@ -401,9 +406,7 @@ def _refuse_frozen_phrasings(phrasing_sets: Sequence[str]) -> None:
 
 
 def _default_validation_prompts(concepts: list[str], seed: int, recipe: Recipe) -> ValidationPrompts:
-    from ..toy.pairs import is_toy_concept
-
-    if concepts and all(is_toy_concept(c) for c in concepts):
+    if _all_toy(concepts):
         _refuse_frozen_phrasings(recipe.validation_phrasings)
         return toy_validation_prompts(concepts, recipe.validation_phrasings, seed=seed,
                                       target_images_per_prompt=recipe.validation_target_images)
